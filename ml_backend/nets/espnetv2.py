@@ -94,6 +94,10 @@ class EESP(nn.Module):
         self.conv_1x1_exp = CB(cout, cout, 1, groups=_BRANCHES)
         self.br_after_cat = BR(cout)
         self.module_act = nn.PReLU(cout)
+        if stride == 2:
+            # kept for checkpoint compatibility but never used by a down-sampling block: freeze it so
+            # that optimisers and DistributedDataParallel do not see a parameter without gradient
+            self.module_act.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.proj_1x1(x)
