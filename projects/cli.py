@@ -17,6 +17,7 @@ from collections.abc import Sequence
 #: Modules that add subcommands; each has ``register(subparsers: argparse._SubParsersAction)``
 #: and sets ``func(args) -> int | None`` as the parser default.
 COMMAND_MODULES: tuple[str, ...] = (
+    "ml_backend.backend_cli",
 )
 
 

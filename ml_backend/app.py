@@ -1,0 +1,249 @@
+"""The ML backend's HTTP API (Flask app served by gunicorn; ``madseg backend`` / ``python -m ml_backend``).
+
+Routes (the Label Studio ML backend protocol, answered by our own Flask routes rather than
+label-studio-ml 1.0.9's ``api`` module, to work around its quirks):
+
+``GET  /health``, ``GET /``   ``{"status": "UP", ...}`` (Label Studio's health check)
+``POST /setup``               checks the project's label config, remembers the Label Studio address and
+                              token it sends, answers ``{"model_version": <current target version>}``
+``POST /predict``             ``{"results": [one prediction per task], "model_version": ...}`` (batched)
+``POST /webhook``             the webhook Label Studio auto-creates (all actions): ``ANNOTATION_CREATED`` /
+                              ``ANNOTATION_UPDATED`` in a segmentation project and ``START_TRAINING`` queue a
+                              fine-tune (201 with the job id; coalesced into a queued one when there is one),
+                              other actions answer 200 ``ignored``; a broken payload answers 400
+``POST /train``               the pre-webhook training call of old Label Studio versions: queues a fine-tune
+``GET|POST /versions``        fine-tuned versions in the model dir (label-studio-ml's answers 405)
+``GET  /is_training``         queue state (pending / running jobs)
+
+label-studio-ml 1.0.9 quirks handled here: ``START_TRAINING`` is a training event (its
+``process_event`` ignores it); jobs get unique ids (not 1-second timestamps that collide) and are
+coalesced per project instead of one process per event; ``/versions`` answers GET and POST; payloads
+and tokens are never logged (its ``api`` logs request bodies at debug level); its undeclared
+``redis`` / ``rq`` imports are satisfied by our dependencies.
+
+Configuration: environment variables, see :mod:`ml_backend.backend_config` (``MADSEG_MODEL``,
+``MADSEG_CHECKPOINT``, ``MADSEG_MODEL_OPTIONS``, ``MADSEG_EXPERIMENT``, ``MADSEG_MODEL_DIR``,
+``REDIS_URL``, ``MADSEG_QUEUE``, ``MADSEG_REPLAY_DIR``, ``MADSEG_TRAIN_PROJECTS``,
+``MADSEG_FINETUNE_OPTIONS``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``, ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``, ...).
+With basic auth configured every route needs the credentials; connect Label Studio with the same
+ones (:func:`ml_backend.ls_connect.connect_backend` also puts them on the auto-created webhook).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from .backend_config import BackendConfig
+from .errors import MadsegError
+from .jobs import FinetuneQueue, WebhookPayloadError, decide, make_queue
+from .model import LabelConfigError, MadsegSegmenter, model_cache
+from .versions import list_versions
+
+log = logging.getLogger(__name__)
+
+#: Largest request body accepted (a /predict batch of tasks, a webhook payload).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify({"status": "error", "error": message}), status
+
+
+def _json_body() -> Any:
+    """The request's JSON body; :class:`WebhookPayloadError` when it is missing or not JSON."""
+    body = request.get_json(silent=True, force=True)
+    if body is None:
+        raise WebhookPayloadError("request body is not valid JSON")
+    return body
+
+
+def _project_id_from_uid(uid: Any) -> int | None:
+    """``"12.1700000000"`` (Label Studio's ``{id}.{created_at}``) or ``12`` -> 12."""
+    if isinstance(uid, bool):
+        return None
+    if isinstance(uid, int):
+        return uid if uid > 0 else None
+    if isinstance(uid, str):
+        head = uid.split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) > 0 else None
+    return None
+
+
+class BackendState:
+    """What the app keeps per process: config, job queue, per-project /setup info, segmenters."""
+
+    def __init__(self, config: BackendConfig, queue: FinetuneQueue | None = None) -> None:
+        self.config = config
+        self._queue = queue
+        self._queue_lock = threading.Lock()
+        self._setup: dict[int | None, dict[str, str]] = {}
+        self._segmenters: dict[tuple[str, str, str], MadsegSegmenter] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def queue(self) -> FinetuneQueue:
+        with self._queue_lock:
+            if self._queue is None:
+                self._queue = make_queue(self.config)
+            return self._queue
+
+    def remember_setup(self, project_id: int | None, hostname: str, access_token: str) -> None:
+        with self._lock:
+            self._setup[project_id] = {"hostname": hostname, "access_token": access_token}
+
+    def segmenter(self, label_config: str, project_id: int | None) -> MadsegSegmenter:
+        info = self._setup.get(project_id) or {}
+        key = (label_config, info.get("hostname", ""), info.get("access_token", ""))
+        with self._lock:
+            seg = self._segmenters.get(key)
+            if seg is None:
+                seg = MadsegSegmenter(label_config=label_config, config=self.config,
+                                      hostname=key[1], access_token=key[2])
+                if len(self._segmenters) > 64:
+                    self._segmenters.clear()
+                self._segmenters[key] = seg
+            return seg
+
+
+def create_app(config: BackendConfig | None = None, *, queue: FinetuneQueue | None = None) -> Flask:
+    """The backend's Flask app for ``config`` (default: from the environment)."""
+    config = config or BackendConfig.from_env()
+    state = BackendState(config, queue)
+    app = Flask("madseg_backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["madseg"] = state
+    auth = config.basic_auth
+
+    @app.before_request
+    def _check_auth() -> Any:
+        if auth is None:
+            return None
+        given = request.authorization
+        if (
+            given is not None
+            and given.username is not None
+            and given.password is not None
+            and hmac.compare_digest(given.username.encode(), auth[0].encode())
+            and hmac.compare_digest(given.password.encode(), auth[1].encode())
+        ):
+            return None
+        resp, _ = _error(401, "basic authentication required")
+        resp.status_code = 401
+        resp.headers["WWW-Authenticate"] = 'Basic realm="madseg ML backend"'
+        return resp
+
+    @app.errorhandler(WebhookPayloadError)
+    def _bad_payload(exc: WebhookPayloadError) -> Any:
+        return _error(400, str(exc))
+
+    @app.errorhandler(LabelConfigError)
+    def _bad_config(exc: LabelConfigError) -> Any:
+        return _error(400, str(exc))
+
+    @app.errorhandler(MadsegError)
+    def _madseg_error(exc: MadsegError) -> Any:
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return _error(500, str(exc))
+
+    @app.errorhandler(413)
+    def _too_large(_exc: Any) -> Any:
+        return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(exc, HTTPException):
+            return _error(exc.code or 500, exc.description or exc.name)
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the backend log")
+
+    @app.route("/", methods=["GET"])
+    @app.route("/health", methods=["GET"])
+    def health() -> Any:
+        rec = model_cache(config).record()
+        return jsonify({
+            "status": "UP",
+            "model_class": MadsegSegmenter.__name__,
+            "model_version": rec.version if rec else None,
+            "queue": "redis" if config.redis_url else "in-process",
+        })
+
+    @app.route("/setup", methods=["POST"])
+    def setup() -> Any:
+        body = _json_body()
+        if not isinstance(body, dict):
+            raise WebhookPayloadError("/setup body must be a JSON object")
+        schema = body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise WebhookPayloadError("/setup body has no label config ('schema')")
+        project_id = _project_id_from_uid(body.get("project"))
+        hostname = body.get("hostname") if isinstance(body.get("hostname"), str) else ""
+        token = body.get("access_token") if isinstance(body.get("access_token"), str) else ""
+        state.remember_setup(project_id, hostname, token)
+        seg = state.segmenter(schema, project_id)
+        seg.check_classes()
+        return jsonify({"model_version": seg.model_version})
+
+    @app.route("/predict", methods=["POST"])
+    def predict() -> Any:
+        body = _json_body()
+        if not isinstance(body, dict):
+            raise WebhookPayloadError("/predict body must be a JSON object")
+        tasks = body.get("tasks")
+        label_config = body.get("label_config")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise WebhookPayloadError("/predict body needs 'tasks': a list of task objects")
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise WebhookPayloadError("/predict body needs the project's 'label_config'")
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        seg = state.segmenter(label_config, _project_id_from_uid(body.get("project")))
+        t0 = time.perf_counter()
+        results = seg.predict(tasks, login=params.get("login"), password=params.get("password"))
+        version = results[0]["model_version"] if results else seg.model_version
+        log.info("predicted %d task(s) with %s in %.2f s", len(tasks), version, time.perf_counter() - t0)
+        return jsonify({"results": results, "model_version": version})
+
+    @app.route("/webhook", methods=["POST"])
+    def webhook() -> Any:
+        decision = decide(_json_body())
+        if not decision.train:
+            log.debug("webhook %s ignored: %s", decision.action, decision.reason)
+            return jsonify({"status": "ignored", "action": decision.action, "reason": decision.reason}), 200
+        assert decision.project_id is not None
+        sub = state.queue.submit(decision.project_id)
+        log.info("webhook %s, project %d -> fine-tune job %s%s", decision.action, decision.project_id,
+                 sub.job_id, " (coalesced)" if sub.coalesced else "")
+        return jsonify({"status": "queued", "action": decision.action, **sub.to_json()}), 201
+
+    @app.route("/train", methods=["POST"])
+    def train() -> Any:
+        body = _json_body()
+        project_id = _project_id_from_uid(body.get("project")) if isinstance(body, dict) else None
+        if project_id is None:
+            raise WebhookPayloadError("/train body needs 'project' (\"<id>.<timestamp>\")")
+        sub = state.queue.submit(project_id)
+        return jsonify({"job": sub.job_id, **sub.to_json()}), 201
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions() -> Any:
+        rec = model_cache(config).record()
+        return jsonify({
+            "versions": [r.version for r in list_versions(config.model_dir)],
+            "current": rec.version if rec else None,
+            "model_dir": str(config.model_dir),
+        })
+
+    @app.route("/is_training", methods=["GET"])
+    def is_training() -> Any:
+        desc = state.queue.describe()
+        return jsonify({"is_training": bool(desc.get("running")), **desc})
+
+    return app

@@ -1,0 +1,111 @@
+"""``madseg backend`` (the ML backend under gunicorn) and ``madseg worker`` (rq worker for fine-tunes).
+
+Both read their configuration from environment variables (:mod:`ml_backend.backend_config`);
+command-line options override the listen address and the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .backend_config import BackendConfig
+
+log = logging.getLogger(__name__)
+
+
+def serve(config: BackendConfig, *, log_level: str = "info") -> None:
+    """Run the backend app under gunicorn (gthread workers) until interrupted.
+
+    One worker process by default (the model is loaded once per process; without Redis the fine-tune
+    queue lives in that process). The app is built inside the worker, after the fork.
+    """
+    from gunicorn.app.base import BaseApplication
+
+    from .app import create_app
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            settings = {
+                "bind": f"{config.host}:{config.port}",
+                "workers": config.workers,
+                "worker_class": "gthread",
+                "threads": config.threads,
+                "timeout": 600,
+                "graceful_timeout": 30,
+                "keepalive": 5,
+                "loglevel": log_level,
+                "accesslog": "-",
+                # path and status only: query strings and bodies may carry tokens
+                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+                "errorlog": "-",
+                "proc_name": "madseg-backend",
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return create_app(config)
+
+    _Server().run()
+
+
+def _backend(args: argparse.Namespace) -> int:
+    config = BackendConfig.from_env()
+    changes: dict[str, Any] = {}
+    if args.host:
+        changes["host"] = args.host
+    if args.port is not None:
+        changes["port"] = args.port
+    if changes:
+        config = config.with_(**changes)
+    log.info("madseg backend on %s:%d, target %s, model dir %s, queue %s", config.host, config.port,
+             config.target["name"], config.model_dir, "redis" if config.redis_url else "in-process")
+    serve(config, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .jobs import run_worker
+
+    config = BackendConfig.from_env()
+    if args.queue:
+        config = config.with_(queue_name=args.queue)
+    log.info("madseg worker on rq queue %s (model dir %s)", config.queue_name, config.model_dir)
+    run_worker(config, burst=args.burst)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``backend`` and ``worker`` to the ``madseg`` CLI."""
+    p = subparsers.add_parser(
+        "backend",
+        help="serve the Label Studio ML backend (gunicorn)",
+        description="Serve the Label Studio ML backend under gunicorn. Configuration comes from environment "
+        "variables (MADSEG_MODEL, MADSEG_CHECKPOINT, MADSEG_MODEL_DIR, REDIS_URL, LABEL_STUDIO_URL, ...; "
+        "see ml_backend/backend_config.py).",
+    )
+    p.add_argument("--host", default=None, help="listen address (default: $MADSEG_BACKEND_HOST, 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: $MADSEG_BACKEND_PORT, 9090)")
+    p.set_defaults(func=_backend)
+
+    w = subparsers.add_parser(
+        "worker",
+        help="run fine-tune jobs from the rq queue (needs REDIS_URL)",
+        description="Run an rq worker for the backend's fine-tune queue (same environment as "
+        "`madseg backend`).",
+    )
+    w.add_argument("--queue", default=None, help="rq queue name (default $MADSEG_QUEUE or madseg-finetune)")
+    w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    w.set_defaults(func=_worker)
+
+
+def main() -> int:
+    """``python -m ml_backend``: the same as ``madseg backend``."""
+    from projects.cli import main as madseg_main
+
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return madseg_main(["backend", *sys.argv[1:]])

@@ -1,0 +1,230 @@
+"""Configuration of the ML backend and its fine-tune worker, read from environment variables.
+
+Target model (what ``/predict`` serves until a fine-tune has finished, and what every fine-tune
+starts from):
+
+``MADSEG_MODEL``            zoo model name, e.g. ``espnetv2``, ``dicenet``, ``tflite``, ``torchvision:<b>``
+``MADSEG_CHECKPOINT``       checkpoint file of the target (optional for names that imply one)
+``MADSEG_MODEL_OPTIONS``    JSON object of zoo options, e.g. ``{"scale": 0.5, "input_size": 256}``
+``MADSEG_EXPERIMENT``       an experiment TOML (``projects.experiment``): its ``[target]``, ``[finetune]``
+                            (fine-tune settings; S(0) replayed when ``replay`` is true), ``[s0]`` and
+                            ``[label_studio] document_root`` fill in whatever the variables here leave unset
+``MADSEG_DEVICE``           torch device (default: the zoo's choice)
+
+Model directory, queue, fine-tuning:
+
+``MADSEG_MODEL_DIR``        where fine-tuned versions and ``current.json`` live (default ``runs/backend``)
+``REDIS_URL``               e.g. ``redis://redis:6379/0``: jobs go to an rq queue run by ``madseg worker``;
+                            unset: one in-process worker thread in the backend
+``MADSEG_QUEUE``            rq queue name and Redis key prefix (default ``madseg-finetune``)
+``MADSEG_REPLAY_DIR``       S(0): a labelled folder (images/ + masks/) replayed in every fine-tune
+``MADSEG_REPLAY_SUBSET``    part of that folder to replay, e.g. ``half0`` (default: all of it)
+``MADSEG_TRAIN_PROJECTS``   comma-separated Label Studio project ids whose finished masks are added to
+                            every fine-tune (e.g. the segmentation projects of earlier rounds)
+``MADSEG_FINETUNE_OPTIONS`` JSON object of ``ml_backend.finetune.FinetuneConfig`` fields (epochs, ...)
+``MADSEG_JOB_TIMEOUT``      seconds an rq fine-tune job may run (default 21600)
+
+Label Studio (used by the fine-tune job to export masks, and by ``/predict`` to fetch images):
+
+``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``   the server and a legacy token or personal access token
+``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``      when set and the file exists below it, local-files task
+                                                images are read from disk instead of downloaded
+
+HTTP server (``madseg backend`` / ``python -m ml_backend``, gunicorn):
+
+``MADSEG_BACKEND_HOST`` (``0.0.0.0``), ``MADSEG_BACKEND_PORT`` (``9090``), ``MADSEG_BACKEND_THREADS``
+(``4``), ``MADSEG_BACKEND_WORKERS`` (``1``; more than one needs ``REDIS_URL``),
+``MADSEG_PREDICT_BATCH`` (images per forward pass, ``4``),
+``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``  when both are set every route requires these HTTP basic-auth
+credentials; give Label Studio the same ones when connecting the backend.
+
+Secrets (the API key, the basic-auth password) are never part of a queued job or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MadsegError
+
+DEFAULT_QUEUE = "madseg-finetune"
+DEFAULT_MODEL_DIR = "runs/backend"
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MadsegError(
+            f"{name}: not valid JSON ({exc.msg}); give a JSON object such as '{{\"epochs\": 1}}'"
+        ) from None
+    if not isinstance(obj, dict):
+        raise MadsegError(f"{name}: must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        val = int(raw)
+    except ValueError:
+        raise MadsegError(f"{name}={raw!r}: not an integer") from None
+    if val < minimum:
+        raise MadsegError(f"{name}={val}: must be at least {minimum}")
+    return val
+
+
+def _project_ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ()
+    out = []
+    for part in raw.replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise MadsegError(f"{name}: {part!r} is not a project id; give comma-separated integers")
+        out.append(int(part))
+    return tuple(out)
+
+
+def _from_experiment(path: str) -> dict[str, Any]:
+    """The backend-relevant parts of an experiment TOML (validated by ``projects.experiment``)."""
+    from projects.experiment import load_experiment
+
+    exp = load_experiment(path)
+    ft = exp.finetune.to_dict()
+    replay = ft.pop("replay", False)
+    return {
+        "target": exp.target.spec(),
+        "finetune": ft,
+        "replay": exp.s0.to_dict() if replay else None,
+        "document_root": str(exp.document_root()),
+    }
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Everything the backend and the fine-tune job need, minus secrets (see the module docstring)."""
+
+    target: dict[str, Any]
+    model_dir: Path
+    redis_url: str | None = None
+    queue_name: str = DEFAULT_QUEUE
+    replay_dir: Path | None = None
+    replay_subset: str | list[str] | None = None
+    train_projects: tuple[int, ...] = ()
+    finetune_options: dict[str, Any] = field(default_factory=dict)
+    job_timeout_s: int = 21600
+    device: str | None = None
+    document_root: Path | None = None
+    predict_batch: int = 4
+    host: str = "0.0.0.0"
+    port: int = 9090
+    threads: int = 4
+    workers: int = 1
+    basic_auth_user: str | None = field(default=None, repr=False)
+    basic_auth_pass: str | None = field(default=None, repr=False)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user and self.basic_auth_pass:
+            return (self.basic_auth_user, self.basic_auth_pass)
+        return None
+
+    def job_settings(self) -> dict[str, Any]:
+        """The JSON-serialisable part a queued job carries (no secrets)."""
+        return {
+            "target": self.target,
+            "model_dir": str(self.model_dir),
+            "queue_name": self.queue_name,
+            "replay": (
+                {"root": str(self.replay_dir), "subset": self.replay_subset} if self.replay_dir else None
+            ),
+            "train_projects": list(self.train_projects),
+            "finetune_options": self.finetune_options,
+            "device": self.device,
+        }
+
+    def with_(self, **changes: Any) -> BackendConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendConfig:
+        """Build the configuration from ``env`` (default ``os.environ``); bad values -> MadsegError."""
+        env = os.environ if env is None else env
+        exp: dict[str, Any] = {}
+        if env.get("MADSEG_EXPERIMENT", "").strip():
+            exp = _from_experiment(env["MADSEG_EXPERIMENT"].strip())
+        exp_target = exp.get("target") or {}
+
+        name = env.get("MADSEG_MODEL", "").strip() or exp_target.get("name")
+        if not name:
+            raise MadsegError(
+                "no target model configured: set MADSEG_MODEL (e.g. espnetv2) and MADSEG_CHECKPOINT, "
+                "or MADSEG_EXPERIMENT to an experiment TOML"
+            )
+        if env.get("MADSEG_MODEL", "").strip():
+            checkpoint = env.get("MADSEG_CHECKPOINT", "").strip() or None
+            options: dict[str, Any] = {}
+        else:
+            checkpoint = env.get("MADSEG_CHECKPOINT", "").strip() or exp_target.get("checkpoint") or None
+            options = dict(exp_target.get("options") or {})
+        options.update(_json_object(env, "MADSEG_MODEL_OPTIONS"))
+        if checkpoint and not Path(checkpoint).exists():
+            raise MadsegError(f"MADSEG_CHECKPOINT={checkpoint}: file not found")
+
+        finetune = dict(exp.get("finetune") or {})
+        finetune.update(_json_object(env, "MADSEG_FINETUNE_OPTIONS"))
+
+        exp_replay = exp.get("replay") or {}
+        replay = env.get("MADSEG_REPLAY_DIR", "").strip() or exp_replay.get("root") or None
+        subset = env.get("MADSEG_REPLAY_SUBSET", "").strip() or exp_replay.get("subset") or None
+        if replay and not (Path(replay) / "images").is_dir():
+            raise MadsegError(f"MADSEG_REPLAY_DIR={replay}: not a labelled folder (needs images/ and masks/)")
+        doc_root = env.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip() or exp.get("document_root")
+
+        redis_url = env.get("REDIS_URL", "").strip() or None
+        workers = _int(env, "MADSEG_BACKEND_WORKERS", 1)
+        if workers > 1 and not redis_url:
+            raise MadsegError(
+                f"MADSEG_BACKEND_WORKERS={workers} needs REDIS_URL: without Redis the fine-tune queue lives "
+                "inside the one backend process; set REDIS_URL or use 1 worker"
+            )
+        user = env.get("BASIC_AUTH_USER", "") or None
+        password = env.get("BASIC_AUTH_PASS", "") or None
+        if bool(user) != bool(password):
+            raise MadsegError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        queue = env.get("MADSEG_QUEUE", "").strip() or DEFAULT_QUEUE
+        if any(c.isspace() for c in queue):
+            raise MadsegError(f"MADSEG_QUEUE={queue!r}: no spaces allowed")
+        return cls(
+            target={"name": name, "checkpoint": checkpoint, "options": options},
+            model_dir=Path(env.get("MADSEG_MODEL_DIR", "").strip() or DEFAULT_MODEL_DIR).resolve(),
+            redis_url=redis_url,
+            queue_name=queue,
+            replay_dir=Path(replay).resolve() if replay else None,
+            replay_subset=subset,
+            train_projects=_project_ids(env, "MADSEG_TRAIN_PROJECTS"),
+            finetune_options=finetune,
+            job_timeout_s=_int(env, "MADSEG_JOB_TIMEOUT", 21600),
+            device=env.get("MADSEG_DEVICE", "").strip() or None,
+            document_root=Path(doc_root).resolve() if doc_root else None,
+            predict_batch=_int(env, "MADSEG_PREDICT_BATCH", 4),
+            host=env.get("MADSEG_BACKEND_HOST", "").strip() or "0.0.0.0",
+            port=_int(env, "MADSEG_BACKEND_PORT", 9090, minimum=0),
+            threads=_int(env, "MADSEG_BACKEND_THREADS", 4),
+            workers=workers,
+            basic_auth_user=user,
+            basic_auth_pass=password,
+        )

@@ -1,0 +1,295 @@
+"""The Label Studio ML backend model: the current target version pre-fills brush masks.
+
+:class:`MadsegSegmenter` is a ``label_studio_ml.model.LabelStudioMLBase`` (label-studio-ml 1.0.9)
+subclass. Its :meth:`~MadsegSegmenter.predict` takes Label Studio tasks, predicts each task's image
+with the CURRENT target model version and returns, per task, one prediction::
+
+    {"model_version": "<target version>", "score": <mean max-probability over the image>,
+     "result": [<one brushlabels result per predicted class, RLE of its pixels>, ...]}
+
+``from_name`` / ``to_name`` / the image key come from the project's label config (its first
+``<BrushLabels>`` control and the ``<Image>`` it labels); a label's name is the model's class name.
+Background (class 0 when it is called "background") is not drawn: unpainted pixels are background.
+Each result also carries a ``score``: the mean max-probability over that class's pixels.
+
+Models are loaded once per process: :class:`ModelCache` keeps them by model spec, and before each
+prediction compares the model dir's ``current.json`` (inode, mtime, size) with what it last saw; a
+new pointer, written atomically by a fine-tune job, switches the served model without a restart.
+A pointer that cannot be read is logged and the previous model keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from label_studio_ml.model import LabelStudioMLBase
+
+from .backend_config import BackendConfig
+from .errors import MadsegError
+from .task_images import ImageSource, LabelStudioAuth
+from .versions import ServingRecord, pointer_stamp, read_pointer
+
+log = logging.getLogger(__name__)
+
+
+class LabelConfigError(MadsegError):
+    """The project's label config has no ``<BrushLabels>`` over an ``<Image>``, or no model class."""
+
+
+@dataclass(frozen=True)
+class BrushTarget:
+    """Where brush predictions go in a label config: control, object, task data key, label names."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
+
+
+def brush_target(parsed_label_config: dict[str, Any]) -> BrushTarget:
+    """The first ``<BrushLabels>`` control of a parsed label config (``label_studio_tools`` format)."""
+    for from_name, info in parsed_label_config.items():
+        if info.get("type") != "BrushLabels":
+            continue
+        inputs = [i for i in info.get("inputs") or () if i.get("type") == "Image"]
+        if not info.get("to_name") or not inputs:
+            raise LabelConfigError(
+                f"label config: <BrushLabels name={from_name!r}> is not attached to an <Image>"
+            )
+        return BrushTarget(
+            from_name=from_name,
+            to_name=info["to_name"][0],
+            data_key=inputs[0]["value"].lstrip("$"),
+            labels=tuple(info.get("labels") or ()),
+        )
+    raise LabelConfigError(
+        "label config has no <BrushLabels> control over an <Image>; connect the ML backend to a "
+        "segmentation project"
+    )
+
+
+def drawn_classes(class_names: tuple[str, ...], labels: tuple[str, ...]) -> dict[int, str]:
+    """Class index -> label for the classes the backend draws: in the config, background excluded."""
+    label_set = set(labels)
+    out = {}
+    for idx, name in enumerate(class_names):
+        if idx == 0 and name.lower() == "background":
+            continue
+        if name in label_set:
+            out[idx] = name
+    return out
+
+
+def brush_results(
+    label_map: np.ndarray, max_prob: np.ndarray | None, drawn: dict[int, str], target: BrushTarget
+) -> list[dict[str, Any]]:
+    """One ``brushlabels`` result per class of ``drawn`` present in ``label_map`` (H, W) uint8.
+
+    ``max_prob`` (H, W) float (optional) gives each result's ``score`` (its pixels' mean).
+    """
+    from projects.rle import encode
+
+    height, width = label_map.shape
+    present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=256))
+    results = []
+    for idx in present.tolist():
+        name = drawn.get(idx)
+        if name is None:
+            continue
+        mask = label_map == idx
+        result: dict[str, Any] = {
+            "from_name": target.from_name,
+            "to_name": target.to_name,
+            "type": "brushlabels",
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": encode(mask), "brushlabels": [name]},
+        }
+        if max_prob is not None:
+            result["score"] = round(float(max_prob[mask].mean()), 4)
+        results.append(result)
+    return results
+
+
+class ModelCache:
+    """The models of one process, keyed by model spec; serves the pointer's version (hot swap)."""
+
+    def __init__(self, config: BackendConfig, max_models: int = 2) -> None:
+        self.config = config
+        self.max_models = max_models
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.predict_lock = threading.Lock()  # one forward pass at a time per process
+        self._stamp: tuple[int, int, int] | None = None
+        self._record: ServingRecord | None = None
+        self.loads = 0  # how many times a model was built (tests check "once per process")
+
+    def record(self) -> ServingRecord | None:
+        """The current pointer record (re-read only when the file changed), or None."""
+        stamp = pointer_stamp(self.config.model_dir)
+        if stamp != self._stamp:
+            try:
+                rec = read_pointer(self.config.model_dir)
+            except MadsegError as exc:
+                log.error("cannot read the current-version pointer, keeping the served model: %s", exc)
+                return self._record
+            self._record, self._stamp = rec, stamp
+        return self._record
+
+    def spec(self) -> dict[str, Any]:
+        rec = self.record()
+        return rec.spec() if rec is not None else dict(self.config.target)
+
+    def current(self) -> Any:
+        """The model to serve now (a ``ml_backend.zoo`` SegmentationModel), loading it if needed."""
+        spec = self.spec()
+        key = json.dumps(spec, sort_keys=True, default=str)
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+            from ml_backend.zoo import load_model_spec
+
+            t0 = time.perf_counter()
+            try:
+                model = load_model_spec(spec, device=self.config.device)
+            except MadsegError:
+                if not self._models or spec == self.config.target:
+                    raise
+                prev_key, prev = next(reversed(self._models.items()))
+                log.exception("cannot load model %s; still serving %s", spec, prev.version)
+                return prev
+            self.loads += 1
+            log.info("loaded model %s in %.1f s", model.version, time.perf_counter() - t0)
+            self._models[key] = model
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return model
+
+
+_CACHES: dict[str, ModelCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def model_cache(config: BackendConfig) -> ModelCache:
+    """The process-wide :class:`ModelCache` for ``config``'s model dir and target."""
+    key = json.dumps([str(config.model_dir), config.target, config.device], sort_keys=True, default=str)
+    with _CACHES_LOCK:
+        cache = _CACHES.get(key)
+        if cache is None:
+            cache = _CACHES[key] = ModelCache(config)
+        return cache
+
+
+class MadsegSegmenter(LabelStudioMLBase):
+    """Pre-fills segmentation tasks with the current target version's masks (see the module docstring).
+
+    ``config`` defaults to :meth:`BackendConfig.from_env`; ``hostname`` / ``access_token`` are what
+    Label Studio sent to ``/setup`` (used to download task images when no API key is configured).
+    """
+
+    def __init__(
+        self,
+        label_config: str | None = None,
+        train_output: dict | None = None,
+        *,
+        config: BackendConfig | None = None,
+        hostname: str = "",
+        access_token: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(label_config=label_config, train_output=train_output, hostname=hostname,
+                         access_token=access_token, **kwargs)
+        self.config = config or BackendConfig.from_env()
+        self.cache = model_cache(self.config)
+        self.target = brush_target(self.parsed_label_config)
+        import os
+
+        ls_url = os.environ.get("LABEL_STUDIO_URL", "").strip() or hostname or None
+        api_key = os.environ.get("LABEL_STUDIO_API_KEY", "").strip()
+        self.images = ImageSource(
+            document_root=self.config.document_root,
+            label_studio_url=ls_url,
+            auth=LabelStudioAuth(ls_url, api_key) if (ls_url and api_key) else None,
+            setup_token=access_token or None,
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self.cache.current().version
+
+    def check_classes(self) -> dict[int, str]:
+        """The classes this project can receive; :class:`LabelConfigError` when there are none."""
+        model = self.cache.current()
+        drawn = drawn_classes(tuple(model.class_names), self.target.labels)
+        if not drawn:
+            raise LabelConfigError(
+                f"label config <BrushLabels name={self.target.from_name!r}> has none of the model's classes "
+                f"({', '.join(model.class_names[:6])}, ...); generate the config from the model's class list"
+            )
+        return drawn
+
+    def _load_images(self, tasks: list[dict[str, Any]], login: tuple[str, str] | None) -> list[Any]:
+        out: list[Any] = []
+        for i, task in enumerate(tasks):
+            what = f"task {task.get('id', f'#{i}')}"
+            data = task.get("data")
+            try:
+                if not isinstance(data, dict):
+                    raise MadsegError(f"{what}: no 'data' object")
+                out.append(self.images.load(data.get(self.target.data_key), what, login))
+            except MadsegError as exc:
+                log.error("no prediction for %s: %s", what, exc)
+                out.append(exc)
+        return out
+
+    def predict(self, tasks: list[dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
+        """One prediction per task, in order (a task whose image cannot be read gets an empty result).
+
+        ``kwargs`` may carry Label Studio's ``login`` / ``password`` (the project's task-data basic auth).
+        """
+        import torch
+
+        from ml_backend.zoo.base import upsample_labels
+
+        login = None
+        if kwargs.get("login") and kwargs.get("password"):
+            login = (str(kwargs["login"]), str(kwargs["password"]))
+        model = self.cache.current()
+        drawn = drawn_classes(tuple(model.class_names), self.target.labels)
+        images = self._load_images(tasks, login)
+        preds: list[dict[str, Any]] = [
+            {"model_version": model.version, "score": 0.0, "result": []} for _ in tasks
+        ]
+        ok = [i for i, im in enumerate(images) if isinstance(im, np.ndarray)]
+        prep = model.preprocessor()
+        batch_size = self.config.predict_batch
+        for start in range(0, len(ok), batch_size):
+            idx = ok[start : start + batch_size]
+            with torch.inference_mode():
+                batch = torch.stack([prep.to_tensor(images[i], model.device) for i in idx])
+            with self.cache.predict_lock:
+                probs = model.forward(batch)  # [B, C, h, w] at the model's input size
+            with torch.inference_mode():
+                maxp_small, _ = probs.max(dim=1)  # [B, h, w]
+                for j, i in enumerate(idx):
+                    h, w = images[i].shape[:2]
+                    label_map = upsample_labels(probs[j], (h, w)).numpy()
+                    maxp = torch.nn.functional.interpolate(
+                        maxp_small[j][None, None], size=(h, w), mode="bilinear", align_corners=False
+                    )[0, 0].numpy()
+                    preds[i] = {
+                        "model_version": model.version,
+                        "score": round(float(maxp_small[j].mean()), 4),
+                        "result": brush_results(label_map, maxp, drawn, self.target),
+                    }
+        return preds
