@@ -36,6 +36,7 @@ import hmac
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -214,6 +215,8 @@ def create_app(config: BackendConfig | None = None, *, queue: FinetuneQueue | No
     @app.route("/webhook", methods=["POST"])
     def webhook() -> Any:
         decision = decide(_json_body())
+        if decision.train and decision.action != "START_TRAINING" and not state.config.train_on_annotation:
+            decision = replace(decision, train=False, reason="MADSEG_TRAIN_ON_ANNOTATION=0")
         if not decision.train:
             log.debug("webhook %s ignored: %s", decision.action, decision.reason)
             return jsonify({"status": "ignored", "action": decision.action, "reason": decision.reason}), 200

@@ -23,6 +23,9 @@ Model directory, queue, fine-tuning:
                             every fine-tune (e.g. the segmentation projects of earlier rounds)
 ``MADSEG_FINETUNE_OPTIONS`` JSON object of ``ml_backend.finetune.FinetuneConfig`` fields (epochs, ...)
 ``MADSEG_JOB_TIMEOUT``      seconds an rq fine-tune job may run (default 21600)
+``MADSEG_TRAIN_ON_ANNOTATION`` ``0``/``false``: annotation webhooks do not queue fine-tunes (the backend only
+                            serves predictions; ``START_TRAINING`` and ``/train`` still do). Set by
+                            ``madseg demo``/``madseg round``, which fine-tune in-process (default ``1``)
 
 Label Studio (used by the fine-tune job to export masks, and by ``/predict`` to fetch images):
 
@@ -126,6 +129,7 @@ class BackendConfig:
     train_projects: tuple[int, ...] = ()
     finetune_options: dict[str, Any] = field(default_factory=dict)
     job_timeout_s: int = 21600
+    train_on_annotation: bool = True
     device: str | None = None
     document_root: Path | None = None
     predict_batch: int = 4
@@ -218,6 +222,8 @@ class BackendConfig:
             train_projects=_project_ids(env, "MADSEG_TRAIN_PROJECTS"),
             finetune_options=finetune,
             job_timeout_s=_int(env, "MADSEG_JOB_TIMEOUT", 21600),
+            train_on_annotation=env.get("MADSEG_TRAIN_ON_ANNOTATION", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
             device=env.get("MADSEG_DEVICE", "").strip() or None,
             document_root=Path(doc_root).resolve() if doc_root else None,
             predict_batch=_int(env, "MADSEG_PREDICT_BATCH", 4),
