@@ -1,0 +1,25 @@
+# Image of the madseg ML backend and its fine-tune worker (see docker-compose.yml).
+#   docker build -t madseg-backend .
+#   docker run -p 9090:9090 -e MADSEG_MODEL=... madseg-backend                 (backend)
+#   docker run -e REDIS_URL=... madseg-backend madseg worker                  (worker)
+# CPU-only PyTorch keeps the image small; on a GPU host install the CUDA wheels instead.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MADSEG_BACKEND_HOST=0.0.0.0 \
+    MADSEG_BACKEND_PORT=9090
+
+WORKDIR /app
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
+
+COPY pyproject.toml README.md ./
+COPY ml_backend ./ml_backend
+COPY sampler ./sampler
+COPY projects ./projects
+RUN pip install . && useradd --create-home --uid 1000 madseg && mkdir -p /models && chown madseg /models
+
+USER madseg
+EXPOSE 9090
+CMD ["madseg", "backend"]
