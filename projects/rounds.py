@@ -1,0 +1,798 @@
+"""Round orchestration: drive round i of an experiment stage by stage, resumably.
+
+A round (1-based, ``<exp_dir>/round-<i>/``) of a MAD experiment::
+
+    score      the pool with the round's target f(i-1) and the competitors (only what the score
+               store does not hold yet; competitors are scored once for the whole experiment)
+    select     M(i) = the MAD candidates (size bounds from the S(0) masks) -> candidates.jsonl
+    predict    f(i-1)'s label map of every candidate at its original size -> pred/<id>.png
+               (overlays for the raters, what the oracle compares, segmentation pre-annotations)
+    projects   the round's rating + segmentation projects in Label Studio (+ local storage, ML backend)
+    push_rating    M(i) into the rating project with overlays of f(i-1)'s prediction (idempotent)
+    ratings    wait until every task has its ratings (the oracle plays the raters when enabled;
+               a tqdm bar counts completed tasks) -> ratings.json
+    choose     S(i) = the n4 lowest mean opinion scores (out-of-domain excluded); T(i) chosen from
+               M(i) minus S(1..i) by projects.testset -> selection.json
+    push_segmentation  S(i) and T(i) for pixel labels with f(i-1)'s pre-annotations (idempotent)
+    masks      wait for the masks (the oracle annotator when enabled), export -> labels/
+    finetune   f(i) on S(1..i) with S(0) replayed (LR chosen on T(0)); the new version is written
+               atomically and the ML backend's current-version pointer moves to it
+
+Every stage records its outputs in ``round-<i>/state.json`` (``projects.state``), so re-running
+``madseg round`` skips finished stages; the Label Studio pushes are idempotent by image id and
+the fine-tune is a stage of its own, so a crash (even ``kill -9``) never duplicates tasks or
+repeats a finished fine-tune. ``MADSEG_TEST_CRASH_AFTER=<stage>`` (or ``round<i>.<stage>``)
+kills the process with SIGKILL right after that stage is recorded (used by the end-to-end test).
+
+Other kinds of "rounds" reuse the same stages (see :class:`RoundPlan`): the evaluation pass after
+the last round (draws T(r+1) to evaluate f(r); no S, no fine-tune), the entropy baseline of the
+paper's Appendix A (entropy instead of MAD, the same budget n4, its own fine-tune f_entropy) and
+the comparison round (a MAD test set drawn between f_MAD(1) and f_entropy).
+
+Fine-tuning runs in-process (``ml_backend.finetune``) so rounds are deterministic and resumable;
+the demo starts its ML backend with ``MADSEG_TRAIN_ON_ANNOTATION=0`` so the backend serves
+predictions but does not train on the oracle's annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ml_backend.atomic import atomic_write_json, atomic_write_text
+from ml_backend.errors import MadsegError
+
+from .experiment import ExperimentConfig, ModelConfig
+from .state import RoundState, round_dir
+
+log = logging.getLogger(__name__)
+
+MAD_STAGES: tuple[str, ...] = (
+    "score", "select", "predict", "projects", "push_rating", "ratings", "choose",
+    "push_segmentation", "masks", "finetune",
+)
+EVAL_STAGES: tuple[str, ...] = MAD_STAGES[:-1]
+CRASH_ENV = "MADSEG_TEST_CRASH_AFTER"
+
+
+# ==============================================================================================
+# plans and small pure helpers
+# ==============================================================================================
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round does.
+
+    ``kind``: ``"mad"`` (a normal round), ``"eval"`` (the evaluation pass: MAD candidates, T only),
+    ``"entropy"`` (Appendix-A baseline: the top entropy images of ``target`` get the n4 labels) or
+    ``"compare"`` (a MAD test set between ``target`` and ``competitors``; T only).
+    ``root``: folder holding ``round-<number>/``; ``target``/``competitors``: zoo specs by key;
+    ``n4``: images for S (0 = none); ``test_size``: |T| (0 = none); ``finetune``: train f after;
+    ``used``: image ids that may not go into T (used for fine-tuning anywhere);
+    ``title``: the Label Studio project title prefix.
+    """
+
+    kind: str
+    number: int
+    root: Path
+    target_key: str
+    target: Mapping[str, Any]
+    competitors: Mapping[str, Mapping[str, Any]]
+    n4: int
+    test_size: int
+    finetune: bool
+    title: str
+    used: frozenset[str] = frozenset()
+    lwf_variant: bool = False
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return MAD_STAGES if self.finetune else EVAL_STAGES
+
+    @property
+    def dir(self) -> Path:
+        return round_dir(self.root, self.number)
+
+
+def lowest_mos(mos: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
+    """The ``n`` image ids with the lowest finite MOS (ties: smaller id first), minus ``exclude``.
+
+    Out-of-domain images carry MOS = +inf (the veto) and are never chosen.
+    """
+    ex = set(exclude)
+    finite = [(v, k) for k, v in mos.items() if k not in ex and v != float("inf") and v == v]
+    return [k for _, k in sorted(finite)[:n]]
+
+
+def top_by_score(scores: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
+    """The ``n`` ids with the largest score (ties: smaller id first), minus ``exclude``."""
+    ex = set(exclude)
+    return [k for _, k in sorted((-v, k) for k, v in scores.items() if k not in ex)[:n]]
+
+
+def crash_point(stage: str, plan: RoundPlan) -> bool:
+    """Whether ``MADSEG_TEST_CRASH_AFTER`` names this stage (``stage``, ``round<i>.<stage>`` or
+    ``<kind><i>.<stage>``)."""
+    want = os.environ.get(CRASH_ENV, "").strip()
+    if not want:
+        return False
+    return want in (stage, f"round{plan.number}.{stage}", f"{plan.kind}{plan.number}.{stage}")
+
+
+# ==============================================================================================
+# the runner
+# ==============================================================================================
+
+
+@dataclass
+class RunOptions:
+    """How to run: ``oracle`` (None = the config's ``[oracle] enabled``), polling interval and
+    maximum wait for people (``wait_timeout_s``, None = forever), torch ``device``, ``progress``."""
+
+    oracle: bool | None = None
+    poll_s: float = 5.0
+    wait_timeout_s: float | None = None
+    device: str | None = None
+    progress: bool = True
+    backend_url: str | None = None
+    model_dir: Path | None = None
+    lwf_variant: bool = False
+
+
+@dataclass
+class RoundRunner:
+    """Runs the stages of rounds of one experiment (see the module docstring)."""
+
+    exp: ExperimentConfig
+    options: RunOptions = field(default_factory=RunOptions)
+    _services: Any = None
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def exp_dir(self) -> Path:
+        return self.exp.dir
+
+    @property
+    def store_dir(self) -> Path:
+        return self.exp_dir / "store"
+
+    @property
+    def model_dir(self) -> Path:
+        """The ML backend's model dir (``current.json`` pointer + versions)."""
+        return self.options.model_dir or (self.exp_dir / "backend")
+
+    @property
+    def use_oracle(self) -> bool:
+        return self.exp.oracle.enabled if self.options.oracle is None else bool(self.options.oracle)
+
+    @property
+    def services(self) -> Any:
+        if self._services is None:
+            self._services = Services(self.exp, self.options, self.store_dir, self.model_dir)
+        return self._services
+
+    # -- models of the experiment ----------------------------------------------------------------
+    def target_spec(self, i: int) -> dict[str, Any]:
+        """The zoo spec of f(i): the configured target for i = 0, else round i's fine-tuned model."""
+        if i == 0:
+            return self.exp.target.spec()
+        st = RoundState.load(self.exp_dir, i)
+        if not st.done("finetune"):
+            raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
+                              f"run `madseg round --round {i}` first")
+        return dict(st.outputs("finetune")["spec"])
+
+    def target_key(self, i: int) -> str:
+        return f"f({i})"
+
+    def competitor_specs(self) -> dict[str, dict[str, Any]]:
+        return {c.key: c.spec() for c in self.exp.competitors}
+
+    def used_ids(self, upto: int) -> set[str]:
+        """Image ids in S(1..upto) (from the finished ``choose`` stages)."""
+        used: set[str] = set()
+        for j in range(1, upto + 1):
+            st = RoundState.load(self.exp_dir, j)
+            if st.done("choose"):
+                used.update(st.outputs("choose")["S"])
+        return used
+
+    def mad_plan(self, i: int, *, final_eval: bool = False) -> RoundPlan:
+        """Round i (1-based) of the experiment; ``final_eval``: the evaluation pass (T only)."""
+        if i < 1:
+            raise MadsegError(f"rounds are numbered from 1, got {i}")
+        return RoundPlan(
+            kind="eval" if final_eval else "mad", number=i, root=self.exp_dir,
+            target_key=self.target_key(i - 1), target=self.target_spec(i - 1),
+            competitors=self.competitor_specs(), n4=0 if final_eval else self.exp.selection.n4,
+            test_size=self.exp.selection.test_size, finetune=not final_eval,
+            title=f"{self.exp.name} round {i}" + (" (evaluation)" if final_eval else ""),
+            used=frozenset(self.used_ids(i - 1)), lwf_variant=self.options.lwf_variant and i == 1,
+        )
+
+    def entropy_plan(self) -> RoundPlan:
+        """The Appendix-A baseline: round 1's budget n4 spent on the target's top-entropy images."""
+        return RoundPlan(
+            kind="entropy", number=1, root=self.exp_dir / "baseline-entropy", target_key=self.target_key(0),
+            target=self.target_spec(0), competitors=self.competitor_specs(), n4=self.exp.selection.n4,
+            test_size=0, finetune=True, title=f"{self.exp.name} entropy baseline",
+        )
+
+    def compare_plan(self) -> RoundPlan:
+        """A MAD test set between f_MAD(1) (target) and f_entropy (competitor)."""
+        ent = RoundState.load(self.exp_dir / "baseline-entropy", 1)
+        if not ent.done("finetune"):
+            raise MadsegError("the entropy baseline has not been fine-tuned yet; run it first")
+        used = self.used_ids(1) | set(ent.outputs("choose")["S"])
+        return RoundPlan(
+            kind="compare", number=1, root=self.exp_dir / "baseline-compare", target_key="f_MAD(1)",
+            target=self.target_spec(1), competitors={"f_entropy": dict(ent.outputs("finetune")["spec"])},
+            n4=0, test_size=self.exp.selection.test_size, finetune=False,
+            title=f"{self.exp.name} MAD vs entropy test", used=frozenset(used),
+        )
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, plan: RoundPlan, *, until: str | None = None) -> RoundState:
+        """Run every unfinished stage of ``plan`` in order (up to and including ``until``)."""
+        st = RoundState.load(plan.root, plan.number)
+        plan.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan.dir / "plan.json", _plan_json(plan))
+        for stage in plan.stages:
+            if st.done(stage):
+                log.info("%s %d: %s already done", plan.kind, plan.number, stage)
+            else:
+                log.info("%s %d: %s ...", plan.kind, plan.number, stage)
+                st.begin(stage)
+                t0 = time.monotonic()
+                outputs = getattr(self, f"_stage_{stage}")(plan, st)
+                st.mark(stage, **outputs)
+                log.info("%s %d: %s done in %.1f s", plan.kind, plan.number, stage, time.monotonic() - t0)
+                if crash_point(stage, plan):
+                    log.warning("%s=%s: killing this process (test hook)", CRASH_ENV, stage)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if stage == until:
+                break
+        return st
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _stage_score(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        return self.services.score(plan)
+
+    def _stage_select(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        scored = st.outputs("score")
+        if plan.kind == "entropy":
+            return self.services.select_entropy(plan, scored, n=_entropy_pool_size(plan.n4))
+        return self.services.select_mad(plan, scored)
+
+    def _stage_predict(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        cands = read_candidates(plan.dir / "candidates.jsonl")
+        return self.services.predict_candidates(plan, cands, plan.dir / "pred")
+
+    def _stage_projects(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        return self.services.ensure_projects(plan)
+
+    def _stage_push_rating(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        cands = read_candidates(plan.dir / "candidates.jsonl")
+        pid = int(st.outputs("projects")["rating"])
+        return self.services.push_rating(plan, pid, cands, plan.dir / "pred")
+
+    def _stage_ratings(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        cands = read_candidates(plan.dir / "candidates.jsonl")
+        pid = int(st.outputs("projects")["rating"])
+        ratings = self.services.wait_ratings(plan, pid, cands, plan.dir / "pred", oracle=self.use_oracle)
+        atomic_write_json(plan.dir / "ratings.json", ratings)
+        return {"ratings": "ratings.json", "n_rated": len(ratings["mos"]),
+                "n_ood": sum(1 for v in ratings["ood"].values() if v)}
+
+    def _stage_choose(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        ratings = json.loads((plan.dir / "ratings.json").read_text())
+        cands = read_candidates(plan.dir / "candidates.jsonl")
+        mos = {k: (float("inf") if v is None else float(v)) for k, v in ratings["mos"].items()}
+        ood = sorted(k for k, v in ratings["ood"].items() if v)
+        if plan.kind == "entropy":
+            ent = {c["id"]: float(c.get("entropy", 0.0)) for c in cands}
+            s_ids = top_by_score(ent, plan.n4, exclude=[*ood, *plan.used])
+        else:
+            s_ids = lowest_mos(mos, plan.n4, exclude=sorted(plan.used)) if plan.n4 else []
+        t_info: dict[str, Any] = {"ids": []}
+        if plan.test_size:
+            t_info = self.services.choose_test(plan, cands, ood=ood, used=set(plan.used) | set(s_ids))
+        out = {"S": s_ids, "T": list(t_info["ids"]), "ood": ood, "test": t_info}
+        atomic_write_json(plan.dir / "selection.json", out)
+        return {"S": s_ids, "T": list(t_info["ids"]), "n_ood": len(ood)}
+
+    def _stage_push_segmentation(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        ch = st.outputs("choose")
+        cands = {c["id"]: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
+        pid = int(st.outputs("projects")["segmentation"])
+        roles = {**{k: "test" for k in ch["T"]}, **{k: "train" for k in ch["S"]}}
+        return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], roles, plan.dir / "pred")
+
+    def _stage_masks(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        ch = st.outputs("choose")
+        cands = {c["id"]: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
+        pid = int(st.outputs("projects")["segmentation"])
+        exported = self.services.wait_masks(plan, pid, [cands[k] for k in ids], plan.dir / "labels",
+                                            oracle=self.use_oracle)
+        # exported: image id -> file stem in labels/
+        stems = {"S": [exported[k] for k in ch["S"] if k in exported],
+                 "T": [exported[k] for k in ch["T"] if k in exported]}
+        missing = [k for k in ids if k not in exported]
+        if missing:
+            raise MadsegError(f"segmentation project {pid}: no finished mask for {len(missing)} image(s) "
+                              f"(e.g. {missing[:3]}); finish them in Label Studio and re-run")
+        atomic_write_json(plan.dir / "labels" / "sets.json", stems)
+        return {"labels": "labels", "S_stems": stems["S"], "T_stems": stems["T"]}
+
+    def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+        train_dir = plan.dir / "train"
+        n_train = self._build_train_folder(plan, train_dir)
+        out = self.services.finetune(plan, train_dir, plan.dir / "finetune", lwf=False)
+        if plan.kind == "mad":
+            self.services.publish(plan, out, n_train=n_train)
+        if plan.lwf_variant:
+            out["lwf"] = self.services.finetune(plan, train_dir, plan.dir / "finetune-lwf", lwf=True)
+        return {**out, "n_train": n_train}
+
+    def _build_train_folder(self, plan: RoundPlan, train_dir: Path) -> int:
+        """S(1..i) as one labelled folder of hard links (copies across file systems)."""
+        sources: list[tuple[Path, str]] = []
+        if plan.kind == "mad":
+            for j in range(1, plan.number + 1):
+                rd = round_dir(plan.root, j)
+                sets = json.loads((rd / "labels" / "sets.json").read_text())
+                sources += [(rd / "labels", s) for s in sets["S"]]
+        else:
+            sets = json.loads((plan.dir / "labels" / "sets.json").read_text())
+            sources += [(plan.dir / "labels", s) for s in sets["S"]]
+        if train_dir.exists():
+            shutil.rmtree(train_dir)
+        for sub in ("images", "masks"):
+            (train_dir / sub).mkdir(parents=True, exist_ok=True)
+        for folder, stem in sources:
+            imgs = [p for p in (folder / "images").glob(f"{stem}.*")]
+            if not imgs:
+                raise MadsegError(f"{folder}/images: no image for {stem}; re-run the masks stage")
+            _link(imgs[0], train_dir / "images" / imgs[0].name)
+            _link(folder / "masks" / f"{stem}.png", train_dir / "masks" / f"{stem}.png")
+        return len(sources)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _entropy_pool_size(n4: int) -> int:
+    """How many top-entropy images go to rating for the entropy baseline: 3 x n4, so that n4 remain
+    after the raters' out-of-domain flags (the same rating step MAD's S gets)."""
+    return 3 * n4
+
+
+def _plan_json(plan: RoundPlan) -> dict[str, Any]:
+    return {
+        "kind": plan.kind, "number": plan.number, "target_key": plan.target_key, "target": dict(plan.target),
+        "competitors": {k: dict(v) for k, v in plan.competitors.items()}, "n4": plan.n4,
+        "test_size": plan.test_size, "finetune": plan.finetune, "title": plan.title,
+        "used": sorted(plan.used), "lwf_variant": plan.lwf_variant,
+    }
+
+
+# ==============================================================================================
+# candidates.jsonl
+# ==============================================================================================
+
+
+def read_candidates(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The candidates of a round: one JSON object per line with at least ``id`` and ``path``."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MadsegError(f"{path}: no candidates file; re-run the round's select stage") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MadsegError(f"{path}:{n}: not valid JSON ({exc.msg}); re-run the select stage") from None
+        if not isinstance(rec, dict) or "id" not in rec or "path" not in rec:
+            raise MadsegError(f"{path}:{n}: a candidate needs 'id' and 'path'")
+        out.append(rec)
+    return out
+
+
+def write_candidates(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write candidates (one JSON object per line) atomically."""
+    text = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in records)
+    return atomic_write_text(path, text)
+
+
+# ==============================================================================================
+# whole experiments
+# ==============================================================================================
+
+
+def completed_rounds(exp_dir: Path) -> list[int]:
+    """Rounds whose fine-tune finished, ascending."""
+    out = []
+    i = 1
+    while RoundState.load(exp_dir, i).done("finetune"):
+        out.append(i)
+        i += 1
+    return out
+
+
+def run_experiment(
+    exp: ExperimentConfig,
+    rounds: int,
+    options: RunOptions | None = None,
+    *,
+    baseline: bool = True,
+    final_eval: bool = True,
+    report: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run rounds 1..``rounds`` (resuming), the entropy baseline and its comparison (after round 1,
+    when ``[selection] baseline = "entropy"`` and ``baseline``), the evaluation pass (round
+    ``rounds + 1``, T only) and the evaluation + report. Returns the results dict."""
+    runner = RoundRunner(exp, options or RunOptions())
+    for i in range(1, rounds + 1):
+        runner.run(runner.mad_plan(i))
+        if i == 1 and baseline and exp.selection.baseline == "entropy":
+            runner.run(runner.entropy_plan())
+            runner.run(runner.compare_plan())
+    if final_eval:
+        runner.run(runner.mad_plan(rounds + 1, final_eval=True))
+    from .evaluation import evaluate_experiment, render_report
+
+    results = evaluate_experiment(runner, rounds, final_eval=final_eval, baseline=baseline)
+    if report:
+        results["report"] = str(render_report(exp.dir, results))
+    return results
+
+
+def with_options(exp: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """A copy of ``exp`` with top-level fields replaced (e.g. ``dir=...``)."""
+    return replace(exp, **changes)
+
+
+def model_configs(exp: ExperimentConfig) -> list[ModelConfig]:
+    return list(exp.models)
+
+
+# ==============================================================================================
+# services: the I/O behind the stages (score store, models, Label Studio, oracle, fine-tuning)
+# ==============================================================================================
+
+
+class Services:
+    """What the stages do outside this module; one object per runner (models and the Label Studio
+    client are created lazily)."""
+
+    def __init__(self, exp: ExperimentConfig, options: RunOptions, store_dir: Path, model_dir: Path) -> None:
+        self.exp = exp
+        self.options = options
+        self.store_dir = store_dir
+        self.model_dir = model_dir
+        self._bounds: Any = None
+
+    # -- scoring and selection -------------------------------------------------------------------
+    def score(self, plan: RoundPlan) -> dict[str, Any]:
+        """Score the pool with ``plan.target`` and the competitors (cached in the store)."""
+        from sampler.score import score_pool
+
+        sources = [*map(str, self.exp.pool.folders), *map(str, self.exp.pool.lists)]
+        summary = score_pool(
+            sources, dict(plan.target), [dict(c) for c in plan.competitors.values()], self.store_dir,
+            working_size=self.exp.selection.working_size, device=self.options.device,
+            progress=self.options.progress,
+        )
+        versions = _summary_versions(summary)
+        return {"target_version": versions["target"],
+                "competitor_versions": dict(zip(plan.competitors, versions["competitors"], strict=True)),
+                "n_images": versions["n_images"]}
+
+    def bounds(self) -> Any:
+        """(C, 2) area bounds from the S(0) masks (``[selection] bounds``)."""
+        if self._bounds is None:
+            from ml_backend.imageio import read_mask
+            from sampler.bounds import bounds_from_masks
+
+            c = self.exp.num_classes
+            masks = (read_mask(m, c) for _, m in self.exp.s0.open().pairs)
+            self._bounds = bounds_from_masks(masks, c, self.exp.selection.bounds,
+                                             class_names=self.exp.classes)
+        return self._bounds
+
+    def _pool_arrays(self, scored: Mapping[str, Any], exclude: frozenset[str]) -> dict[str, Any]:
+        """Aligned arrays of the images scored by every model (minus ``exclude``)."""
+        import numpy as np
+
+        from sampler.store import read_areas, read_distances
+
+        ids, t_areas, ent = read_areas(self.store_dir, scored["target_version"])
+        keep = {str(k) for k in ids.tolist()} - set(exclude)
+        comp = []
+        for key, cv in scored["competitor_versions"].items():
+            cids, careas, _ = read_areas(self.store_dir, cv)
+            dids, dist = read_distances(self.store_dir, scored["target_version"], cv,
+                                        self.exp.selection.metric)
+            comp.append((key, dict(zip(cids.tolist(), careas, strict=True)),
+                         dict(zip(dids.tolist(), dist.tolist(), strict=True))))
+            keep &= set(cids.tolist()) & set(dids.tolist())
+        order = [k for k in ids.tolist() if k in keep]
+        index = {k: n for n, k in enumerate(ids.tolist())}
+        rows = np.array([index[k] for k in order], dtype=np.int64)
+        return {
+            "ids": order,
+            "target_areas": t_areas[rows] if len(rows) else np.zeros((0, self.exp.num_classes), np.float32),
+            "entropy": ent[rows] if len(rows) else np.zeros(0),
+            "competitor_keys": [k for k, _, _ in comp],
+            "competitor_areas": np.stack([np.stack([a[k] for k in order]) if order
+                                          else np.zeros((0, self.exp.num_classes), np.float32)
+                                          for _, a, _ in comp]),
+            "distances": np.array([[d[k] for k in order] for _, _, d in comp], dtype=np.float64),
+        }
+
+    def select_mad(self, plan: RoundPlan, scored: Mapping[str, Any]) -> dict[str, Any]:
+        """M = MAD candidates of ``plan.target`` vs the competitors -> candidates.jsonl."""
+        from sampler.select import mad_select, records_by_image
+        from sampler.store import image_paths
+
+        arr = self._pool_arrays(scored, plan.used)
+        records = mad_select(arr["target_areas"], arr["competitor_areas"], arr["distances"], self.bounds(),
+                             self.exp.selection.n3)
+        by_image = records_by_image(records)
+        order = sorted(by_image, key=lambda i: (min(r.rank for r in by_image[i]), -max(r.distance for r in
+                                                                                      by_image[i]), i))
+        ids = [arr["ids"][i] for i in order]
+        paths = image_paths(self.store_dir, ids)
+        cands = []
+        for i, iid, path in zip(order, ids, paths, strict=True):
+            if path is None:
+                continue
+            sel = [{"competitor": arr["competitor_keys"][r.competitor], "class": self.exp.classes[r.cls],
+                    "partition": r.partition, "distance": round(r.distance, 6), "rank": r.rank}
+                   for r in by_image[i]]
+            cands.append({"id": iid, "path": path, "selections": sel,
+                          "target_areas": [round(float(a), 6) for a in arr["target_areas"][i]],
+                          "entropy": float(arr["entropy"][i])})
+        write_candidates(plan.dir / "candidates.jsonl", cands)
+        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "n_records": len(records),
+                "pool_size": len(arr["ids"])}
+
+    def select_entropy(self, plan: RoundPlan, scored: Mapping[str, Any], n: int) -> dict[str, Any]:
+        """The ``n`` images with the largest mean entropy of ``plan.target`` -> candidates.jsonl."""
+        from sampler.baselines import entropy_select
+        from sampler.store import image_paths
+
+        arr = self._pool_arrays(scored, plan.used)
+        picked = entropy_select(arr["entropy"], n).tolist()
+        ids = [arr["ids"][i] for i in picked]
+        cands = [{"id": iid, "path": p, "selections": [],
+                  "target_areas": [round(float(a), 6) for a in arr["target_areas"][i]],
+                  "entropy": float(arr["entropy"][i])}
+                 for i, iid, p in zip(picked, ids, image_paths(self.store_dir, ids), strict=True) if p]
+        write_candidates(plan.dir / "candidates.jsonl", cands)
+        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "pool_size": len(arr["ids"])}
+
+    def choose_test(self, plan: RoundPlan, cands: Sequence[Mapping[str, Any]], *, ood: Sequence[str],
+                    used: set[str]) -> dict[str, Any]:
+        """T from the candidates by ``projects.testset`` (main class from the target's areas)."""
+        import numpy as np
+
+        from .testset import choose_test_set, main_classes
+
+        ids = [c["id"] for c in cands]
+        areas = np.array([c["target_areas"] for c in cands], dtype=np.float64).reshape(len(cands), -1)
+        mc = main_classes(areas) if len(cands) else np.zeros(0, np.int64)
+        choice = choose_test_set(ids, mc, ood=ood, used=used, size=plan.test_size,
+                                 max_per_class=self.exp.selection.max_per_class,
+                                 seed=self.exp.seed + 1000 * plan.number, class_names=self.exp.classes)
+        return choice.to_dict()
+
+    # -- predictions of the round's target on the candidates -------------------------------------
+    def predict_candidates(self, plan: RoundPlan, cands: Sequence[Mapping[str, Any]],
+                           out: Path) -> dict[str, Any]:
+        """f's label map of each candidate at its original size -> ``out/<id>.png`` (skips done)."""
+        from tqdm import tqdm
+
+        from ml_backend.imageio import read_rgb, write_mask
+        from ml_backend.zoo import load_model_spec
+
+        todo = [c for c in cands if not (out / f"{c['id']}.png").exists()]
+        if todo:
+            model = load_model_spec(dict(plan.target), device=self.options.device)
+            bs = 4
+            for start in tqdm(range(0, len(todo), bs), desc=f"predict {plan.target_key}", unit="batch",
+                              disable=not self.options.progress):
+                chunk = todo[start:start + bs]
+                preds = model.predict([read_rgb(c["path"]) for c in chunk], batch_size=bs)
+                for c, p in zip(chunk, preds, strict=True):
+                    write_mask(out / f"{c['id']}.png", p)
+        return {"predictions": "pred", "n": len(cands), "computed": len(todo)}
+
+    # -- Label Studio ----------------------------------------------------------------------------
+    def _admin(self) -> Any:
+        from . import admin
+
+        return admin
+
+    def ensure_projects(self, plan: RoundPlan) -> dict[str, Any]:
+        from . import admin
+
+        ls = self.exp.label_studio
+        pids = admin.ensure_round_projects(
+            title=plan.title, classes=list(self.exp.classes), raters_per_task=ls.raters_per_task,
+            document_root=self.exp.document_root(),
+            storage_folders=[plan.dir, *self.exp.pool.folders],
+            backend_url=self.options.backend_url or ls.backend_url,
+        )
+        return {"rating": int(pids["rating"]), "segmentation": int(pids["segmentation"])}
+
+    def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
+                    pred_dir: Path) -> dict[str, Any]:
+        from . import admin
+
+        n = admin.push_rating_tasks(pid, cands, pred_dir=pred_dir, overlay_dir=plan.dir / "overlays",
+                                    document_root=self.exp.document_root())
+        return {"pushed": int(n), "tasks": len(cands)}
+
+    def _oracle_images(self, cands: Sequence[Mapping[str, Any]], pred_dir: Path) -> dict[str, Any]:
+        from ml_backend.imageio import read_mask
+
+        from .oracle import OracleImage
+
+        c = self.exp.num_classes
+
+        def loader(p: Path) -> Callable[[], Any]:
+            return lambda: read_mask(p, c)
+
+        return {x["id"]: OracleImage(x["id"], x["path"], loader(pred_dir / f"{x['id']}.png")) for x in cands}
+
+    def _wait(self, what: str, progress: Callable[[], tuple[int, int]]) -> None:
+        """Poll ``progress() -> (done, total)`` with a tqdm bar until done == total."""
+        from tqdm import tqdm
+
+        done, total = progress()
+        if done >= total:
+            return
+        t0 = time.monotonic()
+        log.info("waiting for %s in Label Studio (%s); re-running resumes", what,
+                 self.exp.label_studio.url)
+        limit = self.options.wait_timeout_s
+        quiet = not self.options.progress
+        with tqdm(total=total, initial=done, desc=what, unit="task", disable=quiet) as bar:
+            while done < total:
+                if limit is not None and time.monotonic() - t0 > limit:
+                    raise MadsegError(f"gave up waiting for {what} after {limit:.0f} s "
+                                      f"({done}/{total} tasks done); re-run to keep waiting")
+                time.sleep(self.options.poll_s)
+                new, total = progress()
+                bar.total = total
+                bar.update(max(0, new - done))
+                done = new
+
+    def wait_ratings(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], pred_dir: Path,
+                     *, oracle: bool) -> dict[str, Any]:
+        """Ratings of every task (the oracle rates first when enabled) -> MOS with the OOD veto."""
+        from . import admin
+        from .mos import mean_opinion_scores
+
+        ls = self.exp.label_studio
+        if oracle:
+            from .oracle import GroundTruth, play_raters
+
+            o = self.exp.oracle
+            play_raters(ls.url, ls.api_key(), pid, self._oracle_images(cands, pred_dir),
+                        GroundTruth(o.gt, self.exp.num_classes), n_raters=ls.raters_per_task,
+                        noise=o.noise, thresholds=o.thresholds, seed=o.seed, class_names=self.exp.classes,
+                        progress=self.options.progress)
+        self._wait("ratings", lambda: admin.rating_progress(pid, ls.raters_per_task))
+        raw = admin.collect_ratings(pid)
+        mos = mean_opinion_scores(raw)
+        return {"project": pid, "raw": _jsonable_ratings(raw),
+                "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
+                "ood": {k: v == float("inf") for k, v in mos.items()}}
+
+    def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
+                          roles: Mapping[str, str], pred_dir: Path) -> dict[str, Any]:
+        from . import admin
+
+        n = admin.push_segmentation_tasks(pid, cands, pred_dir=pred_dir, roles=roles,
+                                          model_version=plan.target_key, classes=list(self.exp.classes))
+        return {"pushed": int(n), "tasks": len(cands)}
+
+    def wait_masks(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], out: Path, *,
+                   oracle: bool) -> dict[str, str]:
+        """Masks of every task (the oracle annotator first when enabled), exported to ``out``;
+        returns image id -> file stem in ``out``."""
+        from . import admin
+
+        ls = self.exp.label_studio
+        if oracle:
+            from .oracle import GroundTruth, play_annotator
+
+            o = self.exp.oracle
+            play_annotator(ls.url, ls.api_key(), pid, self._oracle_images(cands, plan.dir / "pred"),
+                           GroundTruth(o.gt, self.exp.num_classes), class_names=self.exp.classes,
+                           ignore=o.ignore, progress=self.options.progress)
+        self._wait("masks", lambda: admin.segmentation_progress(pid))
+        return admin.export_masks(pid, out, classes=list(self.exp.classes))
+
+    # -- fine-tuning -----------------------------------------------------------------------------
+    def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> dict[str, Any]:
+        """Fine-tune the experiment's f(0) on ``train_dir`` (S(1..i)); LR chosen on T(0).
+
+        Default: S(0) replayed in every step (``[finetune] replay``). ``lwf``: the Learning-without-
+        Forgetting variant instead — no replay, distillation towards f(0) on the round's candidate
+        images (unlabelled). Every f(i) starts from f(0) (the cumulative S(1..i) is the training
+        set), so rounds do not compound training on the same masks. A finished fine-tune in
+        ``out_dir`` is returned at once (``ml_backend.finetune`` resumes / reuses it).
+        """
+        from ml_backend.datasets import LabelledFolder
+        from ml_backend.finetune import FinetuneConfig, finetune
+        from ml_backend.zoo import load_model_spec
+
+        ft = self.exp.finetune
+        model = load_model_spec(self.exp.target.spec(), device=self.options.device)
+        cfg = FinetuneConfig(epochs=ft.epochs, batch_size=ft.batch_size, lrs=tuple(ft.lr_grid),
+                             lwf_weight=(ft.lwf_weight or 1.0) if lwf else 0.0, seed=self.exp.seed)
+        unlabelled = None
+        replay = self.exp.s0.open() if ft.replay else None
+        if lwf:
+            replay = None
+            unlabelled = [c["path"] for c in read_candidates(plan.dir / "candidates.jsonl")]
+        elif ft.lwf_weight > 0:
+            unlabelled = [c["path"] for c in read_candidates(plan.dir / "candidates.jsonl")]
+        res = finetune(model, LabelledFolder(train_dir), out_dir, replay=replay, val=self.exp.t0.open(),
+                       unlabelled=unlabelled, config=cfg, progress=self.options.progress)
+        return {"spec": res.spec.to_dict(), "version": str(res.version), "lr": float(res.lr),
+                "val_miou": None if res.val_miou is None else float(res.val_miou),
+                "checkpoint": str(res.checkpoint)}
+
+    def publish(self, plan: RoundPlan, out: Mapping[str, Any], *, n_train: int) -> None:
+        """Make f(i) the ML backend's current version (atomic pointer in the model dir)."""
+        from ml_backend.versions import new_record, write_pointer
+
+        spec = out["spec"]
+        write_pointer(self.model_dir, new_record(
+            version=out["version"], name=spec["name"], checkpoint=spec["checkpoint"], options=spec["options"],
+            job_id=f"round-{plan.number}", projects=(), n_train=n_train))
+
+
+def _summary_versions(summary: Any) -> dict[str, Any]:
+    """Target/competitor versions and the number of images from ``score_pool``'s summary."""
+    get = summary.get if isinstance(summary, Mapping) else (lambda k, d=None: getattr(summary, k, d))
+    return {"target": get("target_version"), "competitors": list(get("competitor_versions")),
+            "n_images": int(get("n_images", 0) or 0)}
+
+
+def _jsonable_ratings(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {str(k): _jsonable_ratings(v) for k, v in raw.items()}
+    if isinstance(raw, (list, tuple)):
+        return [_jsonable_ratings(v) for v in raw]
+    if hasattr(raw, "_asdict"):
+        return _jsonable_ratings(raw._asdict())
+    if hasattr(raw, "__dataclass_fields__"):
+        import dataclasses
+
+        return _jsonable_ratings(dataclasses.asdict(raw))
+    return raw
