@@ -43,7 +43,7 @@ from flask import Flask, Response, jsonify, request
 
 from .backend_config import BackendConfig
 from .errors import MadsegError
-from .jobs import FinetuneQueue, WebhookPayloadError, decide, make_queue
+from .jobs import FinetuneQueue, WebhookPayloadError, decide, finetune_config, make_queue
 from .model import LabelConfigError, MadsegSegmenter, model_cache
 from .versions import list_versions
 
@@ -116,6 +116,7 @@ class BackendState:
 def create_app(config: BackendConfig | None = None, *, queue: FinetuneQueue | None = None) -> Flask:
     """The backend's Flask app for ``config`` (default: from the environment)."""
     config = config or BackendConfig.from_env()
+    finetune_config(config.finetune_options)  # bad fine-tune settings fail at start, not in a job
     state = BackendState(config, queue)
     app = Flask("madseg_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

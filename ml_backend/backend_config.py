@@ -7,8 +7,8 @@ starts from):
 ``MADSEG_CHECKPOINT``       checkpoint file of the target (optional for names that imply one)
 ``MADSEG_MODEL_OPTIONS``    JSON object of zoo options, e.g. ``{"scale": 0.5, "input_size": 256}``
 ``MADSEG_EXPERIMENT``       an experiment TOML (``projects.experiment``): its ``[target]``, ``[finetune]``
-                            (fine-tune settings; S(0) replayed when ``replay`` is true), ``[s0]`` and
-                            ``[label_studio] document_root`` fill in whatever the variables here leave unset
+                            (fine-tune settings; S(0) replayed when ``replay`` is true), ``[s0]``, ``[t0]``
+                            and ``[label_studio] document_root`` fill in what the variables here leave unset
 ``MADSEG_DEVICE``           torch device (default: the zoo's choice)
 
 Model directory, queue, fine-tuning:
@@ -19,6 +19,8 @@ Model directory, queue, fine-tuning:
 ``MADSEG_QUEUE``            rq queue name and Redis key prefix (default ``madseg-finetune``)
 ``MADSEG_REPLAY_DIR``       S(0): a labelled folder (images/ + masks/) replayed in every fine-tune
 ``MADSEG_REPLAY_SUBSET``    part of that folder to replay, e.g. ``half0`` (default: all of it)
+``MADSEG_VAL_DIR``, ``MADSEG_VAL_SUBSET``  T(0): labelled folder that picks the learning rate when the
+                            fine-tune settings give several (``lr_grid``); not needed for one rate
 ``MADSEG_TRAIN_PROJECTS``   comma-separated Label Studio project ids whose finished masks are added to
                             every fine-tune (e.g. the segmentation projects of earlier rounds)
 ``MADSEG_FINETUNE_OPTIONS`` JSON object of ``ml_backend.finetune.FinetuneConfig`` fields (epochs, ...)
@@ -112,6 +114,7 @@ def _from_experiment(path: str) -> dict[str, Any]:
         "target": exp.target.spec(),
         "finetune": ft,
         "replay": exp.s0.to_dict() if replay else None,
+        "val": exp.t0.to_dict(),
         "document_root": str(exp.document_root()),
     }
 
@@ -126,6 +129,8 @@ class BackendConfig:
     queue_name: str = DEFAULT_QUEUE
     replay_dir: Path | None = None
     replay_subset: str | list[str] | None = None
+    val_dir: Path | None = None
+    val_subset: str | list[str] | None = None
     train_projects: tuple[int, ...] = ()
     finetune_options: dict[str, Any] = field(default_factory=dict)
     job_timeout_s: int = 21600
@@ -155,6 +160,7 @@ class BackendConfig:
             "replay": (
                 {"root": str(self.replay_dir), "subset": self.replay_subset} if self.replay_dir else None
             ),
+            "val": {"root": str(self.val_dir), "subset": self.val_subset} if self.val_dir else None,
             "train_projects": list(self.train_projects),
             "finetune_options": self.finetune_options,
             "device": self.device,
@@ -196,6 +202,11 @@ class BackendConfig:
         subset = env.get("MADSEG_REPLAY_SUBSET", "").strip() or exp_replay.get("subset") or None
         if replay and not (Path(replay) / "images").is_dir():
             raise MadsegError(f"MADSEG_REPLAY_DIR={replay}: not a labelled folder (needs images/ and masks/)")
+        exp_val = exp.get("val") or {}
+        val = env.get("MADSEG_VAL_DIR", "").strip() or exp_val.get("root") or None
+        val_subset = env.get("MADSEG_VAL_SUBSET", "").strip() or exp_val.get("subset") or None
+        if val and not (Path(val) / "images").is_dir():
+            raise MadsegError(f"MADSEG_VAL_DIR={val}: not a labelled folder (needs images/ and masks/)")
         doc_root = env.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip() or exp.get("document_root")
 
         redis_url = env.get("REDIS_URL", "").strip() or None
@@ -219,6 +230,8 @@ class BackendConfig:
             queue_name=queue,
             replay_dir=Path(replay).resolve() if replay else None,
             replay_subset=subset,
+            val_dir=Path(val).resolve() if val else None,
+            val_subset=val_subset,
             train_projects=_project_ids(env, "MADSEG_TRAIN_PROJECTS"),
             finetune_options=finetune,
             job_timeout_s=_int(env, "MADSEG_JOB_TIMEOUT", 21600),

@@ -253,6 +253,37 @@ def export_training_data(project_ids: list[int], out_dir: Path, class_names: lis
     return total
 
 
+def finetune_config(options: dict[str, Any]) -> Any:
+    """``ml_backend.finetune.FinetuneConfig`` from backend/experiment settings.
+
+    Accepts the config's own field names plus the experiment's spellings (``lr_grid`` or ``lr`` for
+    ``lrs``; ``preset`` and ``replay`` are handled elsewhere and dropped). Unknown keys or bad values
+    -> :class:`MadsegError` naming them.
+    """
+    import dataclasses
+
+    from ml_backend.finetune import FinetuneConfig
+
+    opts = {k: v for k, v in options.items() if k not in ("preset", "replay")}
+    if "lr_grid" in opts:
+        opts["lrs"] = opts.pop("lr_grid")
+    if "lr" in opts:
+        opts["lrs"] = (opts.pop("lr"),)
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(opts) - fields)
+    if unknown:
+        raise MadsegError(f"MADSEG_FINETUNE_OPTIONS: unknown fine-tune setting(s) {unknown}; "
+                          f"known: {sorted(fields)}")
+    for key, val in list(opts.items()):
+        if isinstance(val, list):
+            opts[key] = tuple(val)
+    if isinstance(opts.get("lrs"), (int, float)):
+        opts["lrs"] = (float(opts["lrs"]),)
+    cfg = FinetuneConfig(**opts)
+    cfg.validate()
+    return cfg
+
+
 def _open_labelled(spec: dict[str, Any]) -> Any:
     from ml_backend.datasets import LabelledFolder
 
@@ -272,7 +303,7 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
     _write_status(model_dir, job_id, state="running", project=project_id, projects=projects, started_at=t0)
     log.info("fine-tune job %s: project(s) %s", job_id, projects)
     try:
-        from ml_backend.finetune import FinetuneConfig, finetune
+        from ml_backend.finetune import finetune
         from ml_backend.zoo import load_model_spec
 
         target = settings["target"]
@@ -288,8 +319,10 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
             return {"state": "skipped", "job_id": job_id}
         train = _open_labelled({"root": str(data_dir)})
         replay = _open_labelled(settings["replay"]) if settings.get("replay") else None
-        config = FinetuneConfig(**(settings.get("finetune_options") or {}))
-        result = finetune(model, train, versions_dir(model_dir) / job_id, replay=replay, config=config)
+        config = finetune_config(settings.get("finetune_options") or {})
+        val = _open_labelled(settings["val"]) if settings.get("val") and len(config.lrs) > 1 else None
+        result = finetune(model, train, versions_dir(model_dir) / job_id, replay=replay, val=val,
+                          config=config)
         record = new_record(
             version=result.version, name=target["name"], checkpoint=result.checkpoint,
             options=target.get("options") or {}, job_id=job_id, projects=tuple(projects), n_train=n_train,
@@ -529,6 +562,14 @@ def project_lock(conn: Any, queue_name: str, project_id: int, ttl_s: int = LOCK_
             lock.release()
 
 
+def mark_started(conn: Any, queue_name: str, project_id: int, job_id: str) -> bool:
+    """Clear the project's pending marker if it still names ``job_id`` (the job has started).
+
+    From then on a new event schedules a follow-up job instead of joining this one.
+    """
+    return bool(conn.eval(_DEL_IF_EQUAL, 1, pending_key(queue_name, project_id), job_id))
+
+
 def rq_finetune(job_id: str, project_id: int, settings: dict[str, Any]) -> dict[str, Any]:
     """The rq entry point: take the project lock, clear the pending marker, run the job."""
     from rq import get_current_job
@@ -536,8 +577,7 @@ def rq_finetune(job_id: str, project_id: int, settings: dict[str, Any]) -> dict[
     conn = get_current_job().connection
     queue_name = settings["queue_name"]
     with project_lock(conn, queue_name, project_id):
-        # From here on, a new event schedules a follow-up job instead of joining this one.
-        conn.eval(_DEL_IF_EQUAL, 1, pending_key(queue_name, project_id), job_id)
+        mark_started(conn, queue_name, project_id, job_id)
         return run_finetune_job(job_id, project_id, settings)
 
 

@@ -169,11 +169,20 @@ class ModelCache:
                 log.exception("cannot load model %s; still serving %s", spec, prev.version)
                 return prev
             self.loads += 1
+            _warm_up(model)
             log.info("loaded model %s in %.1f s", model.version, time.perf_counter() - t0)
             self._models[key] = model
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
             return model
+
+
+def _warm_up(model: Any) -> None:
+    """One forward pass on a blank input, so the first real request does not pay the kernel set-up."""
+    import torch
+
+    h, w = model.input_size
+    model.forward(torch.zeros((1, 3, h, w), dtype=torch.float32))
 
 
 _CACHES: dict[str, ModelCache] = {}
