@@ -18,6 +18,7 @@ from collections.abc import Sequence
 #: and sets ``func(args) -> int | None`` as the parser default.
 COMMAND_MODULES: tuple[str, ...] = (
     "ml_backend.backend_cli",
+    "ml_backend.cli",
 )
 
 
