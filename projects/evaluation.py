@@ -24,6 +24,7 @@ Only ``ml_backend`` is imported at module level; models are loaded one at a time
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -186,8 +187,6 @@ def evaluate_models(
     if len(set(keys)) != len(keys):
         raise MadsegError(f"model keys must be unique for evaluation, got {keys}")
     versions_file = cache / "versions.json"
-    import json
-
     known: dict[str, Any] = {}
     if versions_file.exists():
         try:
@@ -314,3 +313,269 @@ def labelled_pairs(
         raise MadsegError(f"{root}: no image+mask for {len(missing)} test image(s), e.g. {missing[:3]}; "
                           "re-run the round's export stage")
     return pairs
+
+
+# ==============================================================================================
+# a whole experiment: results.json for projects.report
+# ==============================================================================================
+
+
+def _round_info(plan_root: Path, number: int) -> dict[str, Any] | None:
+    from .state import RoundState
+
+    st = RoundState.load(plan_root, number)
+    return st if st.done("choose") else None
+
+
+def experiment_test_sets(runner: Any, rounds: int, *, final_eval: bool) -> list[TestSet]:
+    """T(0) and T(1..rounds[+1]) that exist (labels exported), in order."""
+    from .state import RoundState, round_dir
+
+    exp = runner.exp
+    sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0, "fixed test set (voc_samples half)")]
+    last = rounds + (1 if final_eval else 0)
+    for i in range(1, last + 1):
+        st = RoundState.load(exp.dir, i)
+        if not st.done("masks"):
+            continue
+        stems = st.outputs("masks")["T_stems"]
+        note = f"drawn from M({i}) (target f({i - 1}))"
+        if i == rounds + 1:
+            note += f"; evaluation pass after the last round, to evaluate f({rounds}) too"
+        if stems:
+            sets.append(TestSet(f"T({i})", tuple(labelled_pairs(round_dir(exp.dir, i) / "labels", stems)), i,
+                                note))
+    cmp_st = RoundState.load(exp.dir / "baseline-compare", 1)
+    if cmp_st.done("masks") and cmp_st.outputs("masks")["T_stems"]:
+        sets.append(TestSet("T(MAD vs entropy)", tuple(labelled_pairs(
+            round_dir(exp.dir / "baseline-compare", 1) / "labels", cmp_st.outputs("masks")["T_stems"])), 0,
+            "MAD test set drawn between f_MAD(1) and f_entropy"))
+    return sets
+
+
+def experiment_models(runner: Any, rounds: int) -> list[ModelEntry]:
+    """f(0..rounds), the competitors, and (when present) the LwF variant and f_entropy."""
+    from .state import RoundState
+
+    exp = runner.exp
+    out = [ModelEntry("f(0)", exp.target.spec(), "target", 0, f"f(0) = {exp.target.key}")]
+    for i in range(1, rounds + 1):
+        st = RoundState.load(exp.dir, i)
+        if not st.done("finetune"):
+            break
+        ft = st.outputs("finetune")
+        out.append(ModelEntry(f"f({i})", ft["spec"], "target", i, f"f({i}) fine-tuned, S(0) replay"))
+        if i == 1 and ft.get("lwf"):
+            out.append(ModelEntry("f(1) LwF", ft["lwf"]["spec"], "variant", 1,
+                                  "f(1) fine-tuned with LwF, no replay"))
+    ent = RoundState.load(exp.dir / "baseline-entropy", 1)
+    if ent.done("finetune"):
+        out.append(ModelEntry("f_entropy", ent.outputs("finetune")["spec"], "baseline", 1,
+                              "fine-tuned on the top-entropy images (same budget)"))
+    for c in exp.competitors:
+        out.append(ModelEntry(c.key, c.spec(), "competitor", None, c.key))
+    return out
+
+
+def _write_store_maps(store_dir: Path, version: str, ids: Sequence[str], out: Path) -> dict[str, str]:
+    """Competitor label maps (working resolution) from the score store as PNGs for the gallery."""
+    from ml_backend.imageio import write_mask
+    from sampler.store import read_label_map
+
+    res = {}
+    for iid in ids:
+        p = out / f"{iid}.png"
+        if not p.exists():
+            try:
+                write_mask(p, read_label_map(store_dir, version, iid))
+            except MadsegError:
+                continue
+        res[iid] = str(p)
+    return res
+
+
+def _predict_to(model_spec: Mapping[str, Any], pairs: Sequence[tuple[Path, Path]], out: Path,
+                device: str | None) -> list[Path]:
+    from ml_backend.imageio import read_rgb, write_mask
+
+    paths = [out / f"{Path(img).stem}.png" for img, _ in pairs]
+    todo = [(img, p) for (img, _), p in zip(pairs, paths, strict=True) if not p.exists()]
+    if todo:
+        from ml_backend.zoo import load_model_spec
+
+        model = load_model_spec(dict(model_spec), device=device)
+        for img, p in todo:
+            write_mask(p, model.predict([read_rgb(img)])[0])
+    return paths
+
+
+def _galleries(runner: Any, models: list[ModelEntry], sets: list[TestSet], n: int = 8) -> dict[str, Any]:
+    from .rounds import read_candidates
+    from .state import RoundState, round_dir
+
+    exp = runner.exp
+    base = exp.dir
+    out: dict[str, Any] = {"candidates": [], "lowest_rated": [], "before_after": []}
+    st1 = RoundState.load(exp.dir, 1)
+    if st1.done("predict"):
+        rd = round_dir(exp.dir, 1)
+        cands = read_candidates(rd / "candidates.jsonl")[:n]
+        score = st1.outputs("score")
+        comp_maps = {key: _write_store_maps(runner.store_dir, v, [c["id"] for c in cands],
+                                            base / "report-assets" / key)
+                     for key, v in score["competitor_versions"].items()}
+        for c in cands:
+            sel = c["selections"][0] if c["selections"] else {}
+            panels = [{"title": "photo", "mask": None},
+                      {"title": "target f(0)", "mask": str(rd / "pred" / f"{c['id']}.png")}]
+            panels += [{"title": key, "mask": maps.get(c["id"])} for key, maps in comp_maps.items()]
+            out["candidates"].append({
+                "image": c["path"], "image_id": c["id"],
+                "caption": f"{sel.get('class', '')} vs {sel.get('competitor', '')} "
+                           f"(d = {sel.get('distance', 0):.2f})", "panels": panels})
+    if st1.done("choose"):
+        rd = round_dir(exp.dir, 1)
+        ratings = json.loads((rd / "ratings.json").read_text())
+        cands = {c["id"]: c for c in read_candidates(rd / "candidates.jsonl")}
+        for iid in st1.outputs("choose")["S"][:n]:
+            mos = ratings["mos"].get(iid)
+            out["lowest_rated"].append({
+                "image": cands[iid]["path"], "image_id": iid, "caption": f"MOS {mos:.2f}" if mos else "",
+                "panels": [{"title": "photo", "mask": None},
+                           {"title": "target f(0)", "mask": str(rd / "pred" / f"{iid}.png")}]})
+    targets = [m for m in models if m.role == "target"]
+    t_sets = [ts for ts in sets if ts.drawn_round >= 1]
+    if len(targets) >= 2 and t_sets:
+        ts = t_sets[-1]
+        pairs = list(ts.pairs)[:n]
+        first, last = targets[0], targets[-1]
+        pa = _predict_to(first.spec, pairs, base / "report-assets" / "before" / ts.name.strip("()T"),
+                         runner.options.device)
+        pb = _predict_to(last.spec, pairs, base / "report-assets" / "after" / ts.name.strip("()T"),
+                         runner.options.device)
+        for (img, mask), a, b in zip(pairs, pa, pb, strict=True):
+            out["before_after"].append({
+                "image": str(img), "image_id": Path(img).stem, "caption": f"{ts.name}",
+                "panels": [{"title": "ground truth", "mask": str(mask)},
+                           {"title": f"before: {first.key}", "mask": str(a)},
+                           {"title": f"after: {last.key}", "mask": str(b)}]})
+    return out
+
+
+def evaluate_experiment(
+    runner: Any, rounds: int, *, final_eval: bool = True, baseline: bool = True
+) -> dict[str, Any]:
+    """Evaluate every model on every test set of the experiment and write ``results.json``
+    (the structure :mod:`projects.report` renders). Returns the results dict."""
+    from ml_backend.atomic import atomic_write_json
+
+    from .report import count_failures, stage_times
+    from .rounds import read_candidates
+    from .state import RoundState, round_dir
+
+    exp = runner.exp
+    sets = experiment_test_sets(runner, rounds, final_eval=final_eval)
+    models = experiment_models(runner, rounds)
+    ev = evaluate_models(models, sets, exp.num_classes, exp.dir / "eval", device=runner.options.device)
+
+    round_rows = []
+    image_classes: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
+    for root, label in [(exp.dir, "round"), (exp.dir / "baseline-entropy", "entropy"),
+                        (exp.dir / "baseline-compare", "compare")]:
+        i = 1
+        while (round_dir(root, i) / "state.json").exists():
+            st = RoundState.load(root, i)
+            row: dict[str, Any] = {"round": f"{label} {i}"}
+            plan_file = round_dir(root, i) / "plan.json"
+            if plan_file.exists():
+                plan = json.loads(plan_file.read_text())
+                row["kind"] = plan["kind"]
+                row["target"] = plan["target_key"]
+            if st.done("select"):
+                so = st.outputs("select")
+                row["|M|"] = so.get("n_candidates")
+                row["pool"] = so.get("pool_size")
+                if label == "round":
+                    cands = read_candidates(round_dir(root, i) / "candidates.jsonl")
+                    for c in cands:
+                        image_classes.setdefault(c["id"], sorted({s["class"] for s in c["selections"]}))
+                    groups[f"M({i})"] = [c["id"] for c in cands]
+            if st.done("ratings"):
+                row["OOD"] = st.outputs("ratings").get("n_ood")
+            if st.done("choose"):
+                ch = st.outputs("choose")
+                row["|S|"], row["|T|"] = len(ch["S"]), len(ch["T"])
+                if label == "round" and ch["S"]:
+                    groups[f"S({i})"] = list(ch["S"])
+            if st.done("finetune"):
+                ft = st.outputs("finetune")
+                row["LR"] = ft.get("lr")
+                row["T(0) mIoU at LR choice"] = ft.get("val_miou")
+            row["stages done"] = len(st.done_stages())
+            round_rows.append(row)
+            i += 1
+
+    results: dict[str, Any] = {
+        "experiment": exp.name,
+        "classes": list(exp.classes),
+        "settings": {
+            "target": exp.target.key, "competitors": ", ".join(c.key for c in exp.competitors),
+            "rounds": rounds, "n3": exp.selection.n3, "n4": exp.selection.n4,
+            "|T| requested": exp.selection.test_size, "max per class in T": exp.selection.max_per_class,
+            "size bounds": exp.selection.bounds, "distance": exp.selection.metric,
+            "fine-tune preset": exp.finetune.preset, "epochs": exp.finetune.epochs,
+            "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lr_grid),
+            "S(0) replay": exp.finetune.replay,
+            "raters": "simulated (oracle)" if runner.use_oracle else "people",
+            "evaluation pass": (f"T({rounds + 1}) is drawn from M({rounds + 1}) after the last round to "
+                                f"evaluate f({rounds}) as well; it trains nothing") if final_eval else "no",
+        },
+        "rounds": round_rows,
+        "table1": table1(ev, exp.classes),
+        "failures": count_failures(image_classes, groups) if groups else None,
+        "srcc": ranking_curves(ev),
+        "stages": stage_times(exp.dir),
+    }
+    keys = {m.key for m in models}
+    if baseline and "f_entropy" in keys and "f(1)" in keys:
+        cols = [ts.name for ts in sets if ts.name in ("T(MAD vs entropy)", "T(0)")]
+        rows = []
+        for method, key in (("MAD", "f(1)"), ("entropy", "f_entropy"), ("none (before fine-tuning)", "f(0)")):
+            rows.append({"method": method, "model": key,
+                         "values": {c: float(ev.miou(key, c)) for c in cols if (key, c) in ev.confusions}})
+        ent = RoundState.load(exp.dir / "baseline-entropy", 1)
+        n_ent = len(ent.outputs("choose")["S"]) if ent.done("choose") else None
+        results["baseline"] = {
+            "test_set": "T(MAD vs entropy): MAD candidates between f_MAD(1) and f_entropy, test-set rules",
+            "budget": exp.selection.n4, "columns": cols, "rows": rows,
+            "note": f"entropy: the {n_ent} highest-entropy in-domain images of f(0) got pixel labels "
+                    "(the raters' out-of-domain flags were applied to both methods)",
+        }
+    try:
+        results["galleries"] = _galleries(runner, models, sets)
+    except MadsegError as exc:
+        log.warning("galleries skipped: %s", exc)
+    results["markdown_table1"] = markdown_table(ev)
+    atomic_write_json(exp.dir / "results.json", _json_safe(results))
+    return results
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_safe(v.item())
+    return v
+
+
+def render_report(exp_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
+    """Render ``<exp_dir>/report/report.html`` (+ report.json) from the results; returns the HTML path."""
+    from .report import render_report as _render
+
+    files = _render(results, Path(exp_dir) / "report", base_dir=exp_dir)
+    return Path(files.html)
