@@ -44,6 +44,10 @@ def serve(config: BackendConfig, *, log_level: str = "info") -> None:
                 "errorlog": "-",
                 "proc_name": "madseg-backend",
             }
+            # gunicorn >= 25 opens a control socket at one fixed path per user; several backends
+            # (tests, a worker host) would fight over it, and nothing here uses it
+            if "control_socket_disable" in self.cfg.settings:
+                settings["control_socket_disable"] = True
             for key, value in settings.items():
                 self.cfg.set(key, value)
 
