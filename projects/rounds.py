@@ -498,15 +498,15 @@ class Services:
         from sampler.score import score_pool
 
         sources = [*map(str, self.exp.pool.folders), *map(str, self.exp.pool.lists)]
-        summary = score_pool(
+        stats = score_pool(
             sources, dict(plan.target), [dict(c) for c in plan.competitors.values()], self.store_dir,
-            working_size=self.exp.selection.working_size, device=self.options.device,
-            progress=self.options.progress,
+            resolution=self.exp.selection.working_size, device=self.options.device,
+            progress=self.options.progress, workers=min(2, os.cpu_count() or 1),
         )
-        versions = _summary_versions(summary)
-        return {"target_version": versions["target"],
-                "competitor_versions": dict(zip(plan.competitors, versions["competitors"], strict=True)),
-                "n_images": versions["n_images"]}
+        return {"target_version": stats.target_version,
+                "competitor_versions": dict(zip(plan.competitors, stats.competitor_versions, strict=True)),
+                "n_images": int(stats.images), "bad": int(stats.bad), "duplicates": int(stats.duplicates),
+                "inferred": dict(stats.inferred)}
 
     def bounds(self) -> Any:
         """(C, 2) area bounds from the S(0) masks (``[selection] bounds``)."""
@@ -775,13 +775,6 @@ class Services:
         write_pointer(self.model_dir, new_record(
             version=out["version"], name=spec["name"], checkpoint=spec["checkpoint"], options=spec["options"],
             job_id=f"round-{plan.number}", projects=(), n_train=n_train))
-
-
-def _summary_versions(summary: Any) -> dict[str, Any]:
-    """Target/competitor versions and the number of images from ``score_pool``'s summary."""
-    get = summary.get if isinstance(summary, Mapping) else (lambda k, d=None: getattr(summary, k, d))
-    return {"target": get("target_version"), "competitors": list(get("competitor_versions")),
-            "n_images": int(get("n_images", 0) or 0)}
 
 
 def _jsonable_ratings(raw: Any) -> Any:
