@@ -131,7 +131,7 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = 0.6) -> n
 def png_base64(rgb: np.ndarray) -> str:
     """(H, W, 3) uint8 -> a ``data:image/png;base64,...`` URI."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -427,6 +427,7 @@ def _table1(ri: ReportInput) -> str:
 def _bar_chart(fl: Mapping[str, Any]) -> str | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     classes = list(fl["counts"])
     cols = list(fl["columns"])
@@ -442,7 +443,8 @@ def _bar_chart(fl: Mapping[str, Any]) -> str | None:
     ax.set_yticks(y, classes)
     ax.invert_yaxis()
     ax.set_xlabel("images")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="best")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _fig_uri(fig)
