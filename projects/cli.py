@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ml_backend.cli",
     "projects.report_cli",
     "projects.round_cli",
+    "sampler.cli",
 )
 
 
