@@ -297,22 +297,28 @@ def _toml_with_overrides(text: str, overrides: dict[str, Any], exp: Any) -> str:
     import re
 
     lines = text.splitlines()
-    out: list[str] = []
+    pending = dict(overrides)
     section = None
-    pending = {k: v for k, v in overrides.items()}
-    for line in lines:
+    replaced: list[str] = []
+    for line in lines:  # pass 1: replace keys that the template sets
         m = re.match(r"^\s*\[([a-z_]+)\]\s*$", line)
         if m:
             section = m.group(1)
         key_m = re.match(r"^\s*([a-z_0-9]+)\s*=", line)
-        if key_m and section and f"{section}.{key_m.group(1)}" in pending:
-            dotted = f"{section}.{key_m.group(1)}"
-            out.append(f"{key_m.group(1)} = {json.dumps(pending.pop(dotted))}")
-            continue
+        dotted = f"{section}.{key_m.group(1)}" if key_m and section else None
+        if dotted in pending:
+            replaced.append(f"{key_m.group(1)} = {json.dumps(pending.pop(dotted))}")
+        else:
+            replaced.append(line)
+    out: list[str] = []
+    for line in replaced:  # pass 2: add the others right after their section header
         out.append(line)
+        m = re.match(r"^\s*\[([a-z_]+)\]\s*$", line)
         if m:
-            for dotted in [d for d in pending if d.split(".")[0] == section]:
+            for dotted in [d for d in pending if d.split(".")[0] == m.group(1)]:
                 out.append(f"{dotted.split('.')[1]} = {json.dumps(pending.pop(dotted))}")
+    for dotted, value in pending.items():  # sections the template lacks
+        out += ["", f"[{dotted.split('.')[0]}]", f"{dotted.split('.')[1]} = {json.dumps(value)}"]
     text = "\n".join(out) + "\n"
     text = text.replace("{config_dir}", str(TEMPLATE.parent))
     return text
