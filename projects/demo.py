@@ -41,7 +41,6 @@ from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.errors import MadsegError
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "demo.toml"
-LS_START_TIMEOUT_S = 240.0
 BACKEND_START_TIMEOUT_S = 120.0
 
 
@@ -130,42 +129,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, what: str) -> None:
         proc.wait(timeout=10)
 
 
-def start_label_studio(
-    ls_dir: Path, port: int, document_root: Path, creds: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    """Start ``label-studio`` (SQLite in ``ls_dir``) in its own process group; wait for /health."""
-    url = f"http://127.0.0.1:{port}"
-    if _http_ok(f"{url}/health"):
-        raise MadsegError(f"something already answers on {url}; stop it or pass --port")
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(ls_dir / "data"),
-        "LABEL_STUDIO_USERNAME": creds["username"],
-        "LABEL_STUDIO_PASSWORD": creds["password"],
-        "LABEL_STUDIO_USER_TOKEN": creds["token"],
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LATEST_VERSION_CHECK": "false",
-        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
-        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "false",
-    }
-    log = ls_dir / "label-studio.log"
-    fh = open(log, "ab")  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(
-        [_bin("label-studio"), "start", "--internal-host", "127.0.0.1", "-p", str(port), "--no-browser"],
-        env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    print(f"starting Label Studio on {url} (first start migrates its database: ~1 min) ...", flush=True)
-    try:
-        _wait_http(f"{url}/health", proc, LS_START_TIMEOUT_S, "Label Studio", log)
-    except BaseException:
-        _stop(proc, "Label Studio")
-        raise
-    return proc
-
-
 def start_backend(exp_dir: Path, config_file: Path, port: int, ls_url: str, token: str,
                   document_root: Path) -> subprocess.Popen[bytes]:
     """Start ``madseg backend`` for the experiment (no training on annotations); wait for /health."""
@@ -201,24 +164,35 @@ def start_backend(exp_dir: Path, config_file: Path, port: int, ls_url: str, toke
 def servers(exp: Any, exp_dir: Path, config_file: Path, port: int, backend_port: int,
             keep_running: bool) -> Iterator[dict[str, Any]]:
     """Label Studio + ML backend for the demo; stopped on exit unless ``keep_running``."""
+    from .ls_local import start_local_label_studio
+
     ls_dir = exp_dir / "label-studio"
     creds = credentials(ls_dir)
     doc_root = exp.document_root()
+    port = int(exp.label_studio.url.rsplit(":", 1)[1].split("/")[0])
+    if _http_ok(f"{exp.label_studio.url}/health"):
+        raise MadsegError(f"something already answers on {exp.label_studio.url}; stop it or pass --port")
     ls = backend = None
     try:
-        ls = start_label_studio(ls_dir, port, doc_root, creds)
+        print(f"starting Label Studio on {exp.label_studio.url} (the first start migrates its database, "
+              "~1 min) ...", flush=True)
+        ls = start_local_label_studio(ls_dir / "data", port=port, document_root=doc_root,
+                                      username=creds["username"], password=creds["password"],
+                                      token=creds["token"], log_path=ls_dir / "label-studio.log")
         os.environ[exp.label_studio.api_key_env] = creds["token"]
+        print(f"starting the ML backend on {exp.label_studio.backend_url} ...", flush=True)
         backend = start_backend(exp_dir, config_file, backend_port, exp.label_studio.url, creds["token"],
                                 doc_root)
         yield {"credentials": creds, "ls": ls, "backend": backend}
     finally:
         if keep_running and sys.exc_info()[0] is None:
-            pids = [p.pid for p in (ls, backend) if p is not None]
+            pids = [p.pid for p in (ls.process if ls else None, backend) if p is not None]
             print(f"servers keep running (process groups {pids}); stop them with: kill -- "
                   + " ".join(f"-{p}" for p in pids))
         else:
             _stop(backend, "ML backend")
-            _stop(ls, "Label Studio")
+            if ls is not None:
+                ls.stop()
 
 
 # ----------------------------------------------------------------------------------------------
