@@ -25,6 +25,8 @@ Model directory, queue, fine-tuning:
                             every fine-tune (e.g. the segmentation projects of earlier rounds)
 ``MADSEG_FINETUNE_OPTIONS`` JSON object of ``ml_backend.finetune.FinetuneConfig`` fields (epochs, ...)
 ``MADSEG_JOB_TIMEOUT``      seconds an rq fine-tune job may run (default 21600)
+``MADSEG_JOB_DELAY``        seconds a job waits after its first event before it starts (default 2): a
+                            burst of annotations submitted together becomes one fine-tune
 ``MADSEG_TRAIN_ON_ANNOTATION`` ``0``/``false``: annotation webhooks do not queue fine-tunes (the backend only
                             serves predictions; ``START_TRAINING`` and ``/train`` still do). Set by
                             ``madseg demo``/``madseg round``, which fine-tune in-process (default ``1``)
@@ -89,6 +91,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return val
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        val = float(raw)
+    except ValueError:
+        raise MadsegError(f"{name}={raw!r}: not a number") from None
+    if not 0 <= val <= 3600:
+        raise MadsegError(f"{name}={val}: must be between 0 and 3600 seconds")
+    return val
+
+
 def _project_ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     raw = env.get(name, "").strip()
     if not raw:
@@ -134,6 +149,7 @@ class BackendConfig:
     train_projects: tuple[int, ...] = ()
     finetune_options: dict[str, Any] = field(default_factory=dict)
     job_timeout_s: int = 21600
+    start_delay_s: float = 2.0
     train_on_annotation: bool = True
     device: str | None = None
     document_root: Path | None = None
@@ -157,6 +173,7 @@ class BackendConfig:
             "target": self.target,
             "model_dir": str(self.model_dir),
             "queue_name": self.queue_name,
+            "start_delay_s": self.start_delay_s,
             "replay": (
                 {"root": str(self.replay_dir), "subset": self.replay_subset} if self.replay_dir else None
             ),
@@ -235,6 +252,7 @@ class BackendConfig:
             train_projects=_project_ids(env, "MADSEG_TRAIN_PROJECTS"),
             finetune_options=finetune,
             job_timeout_s=_int(env, "MADSEG_JOB_TIMEOUT", 21600),
+            start_delay_s=_float(env, "MADSEG_JOB_DELAY", 2.0),
             train_on_annotation=env.get("MADSEG_TRAIN_ON_ANNOTATION", "1").strip().lower()
             not in ("0", "false", "no", "off"),
             device=env.get("MADSEG_DEVICE", "").strip() or None,

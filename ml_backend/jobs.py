@@ -17,8 +17,10 @@ Where jobs run:
 - otherwise -> :class:`InProcessFinetuneQueue`: one worker thread in the backend process with the
   same rules kept in memory (:class:`Coalescer`).
 
-Per project: at most one fine-tune runs at a time (in Redis mode a lock ``<queue>:lock:<project>``
-with a renewed TTL, so several workers are safe); events that arrive while a job is queued
+A job waits ``MADSEG_JOB_DELAY`` seconds after it was queued before it starts, so a burst of
+annotations submitted together coalesces into one job. Per project: at most one fine-tune runs at
+a time (in Redis mode a lock ``<queue>:lock:<project>`` with a renewed TTL, so several workers are
+safe); events that arrive while a job is queued
 coalesce into it; an event that arrives while a job runs schedules exactly one follow-up (the
 running job cleared its pending marker before exporting, so anything annotated after that point
 goes to the follow-up). Submitting is a couple of Redis round trips or a lock + ``put``, so the
@@ -244,6 +246,7 @@ def export_training_data(project_ids: list[int], out_dir: Path, class_names: lis
     returns the number of (image, mask) pairs written.
     """
     from projects.admin import export_masks
+
     from projects.client import connect
 
     client = connect()
@@ -364,7 +367,7 @@ class InProcessFinetuneQueue:
         self.settings = settings
         self.runner = runner
         self.state = Coalescer()
-        self._queue: queue_mod.Queue[tuple[str, int]] = queue_mod.Queue()
+        self._queue: queue_mod.Queue[tuple[str, int, float]] = queue_mod.Queue()
         self._thread: threading.Thread | None = None
         self._thread_pid: int | None = None
         self._start_lock = threading.Lock()
@@ -386,13 +389,16 @@ class InProcessFinetuneQueue:
             with self._idle:
                 self._outstanding += 1
             self._ensure_thread()
-            self._queue.put((job_id, project_id))
+            self._queue.put((job_id, project_id, time.monotonic()))
             log.info("queued fine-tune job %s for project %d (in-process)", job_id, project_id)
         return Submission(job_id, project_id, coalesced=not is_new)
 
     def _loop(self) -> None:
         while True:
-            job_id, project_id = self._queue.get()
+            job_id, project_id, queued_at = self._queue.get()
+            wait = queued_at + float(self.settings.get("start_delay_s") or 0) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # events meanwhile still coalesce into this job
             self.state.start(project_id, job_id)
             outcome = "failed"
             try:
@@ -574,8 +580,17 @@ def rq_finetune(job_id: str, project_id: int, settings: dict[str, Any]) -> dict[
     """The rq entry point: take the project lock, clear the pending marker, run the job."""
     from rq import get_current_job
 
-    conn = get_current_job().connection
+    job = get_current_job()
+    conn = job.connection
     queue_name = settings["queue_name"]
+    delay = float(settings.get("start_delay_s") or 0)
+    if delay > 0 and job.enqueued_at is not None:
+        from datetime import datetime, timezone
+
+        enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=timezone.utc)
+        wait = delay - (datetime.now(timezone.utc) - enqueued).total_seconds()
+        if wait > 0:
+            time.sleep(min(wait, delay))  # events meanwhile still coalesce into this job
     with project_lock(conn, queue_name, project_id):
         mark_started(conn, queue_name, project_id, job_id)
         return run_finetune_job(job_id, project_id, settings)

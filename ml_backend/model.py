@@ -9,8 +9,10 @@ with the CURRENT target model version and returns, per task, one prediction::
 
 ``from_name`` / ``to_name`` / the image key come from the project's label config (its first
 ``<BrushLabels>`` control and the ``<Image>`` it labels); a label's name is the model's class name.
-Background (class 0 when it is called "background") is not drawn: unpainted pixels are background.
-Each result also carries a ``score``: the mean max-probability over that class's pixels.
+Every predicted class the config has a label for is drawn, ``background`` included (the export
+treats unpainted pixels as "ignore", so an accepted pre-fill must paint background too); classes
+without a label in the config are left out. Each result also carries a ``score``: the mean
+max-probability over that class's pixels.
 
 Models are loaded once per process: :class:`ModelCache` keeps them by model spec, and before each
 prediction compares the model dir's ``current.json`` (inode, mtime, size) with what it last saw; a
@@ -76,15 +78,9 @@ def brush_target(parsed_label_config: dict[str, Any]) -> BrushTarget:
 
 
 def drawn_classes(class_names: tuple[str, ...], labels: tuple[str, ...]) -> dict[int, str]:
-    """Class index -> label for the classes the backend draws: in the config, background excluded."""
+    """Class index -> label for the classes the backend draws: those the config has a label for."""
     label_set = set(labels)
-    out = {}
-    for idx, name in enumerate(class_names):
-        if idx == 0 and name.lower() == "background":
-            continue
-        if name in label_set:
-            out[idx] = name
-    return out
+    return {idx: name for idx, name in enumerate(class_names) if name in label_set}
 
 
 def brush_results(

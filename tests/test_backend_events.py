@@ -183,9 +183,9 @@ def test_brush_target_from_label_config() -> None:
         brush_target(parse_config(RATING_CONFIG))
 
 
-def test_drawn_classes_skip_background_and_unknown_labels() -> None:
+def test_drawn_classes_are_those_with_a_label() -> None:
     names = ("background", "aeroplane", "bird", "cat")
-    assert drawn_classes(names, ("background", "bird", "cat")) == {2: "bird", 3: "cat"}
+    assert drawn_classes(names, ("background", "bird", "cat")) == {0: "background", 2: "bird", 3: "cat"}
     assert drawn_classes(names, ("dog",)) == {}
 
 
