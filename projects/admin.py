@@ -1,0 +1,880 @@
+"""Label Studio administration for a round: projects, storage, pushes, collection, export (I/O).
+
+Every function takes a :class:`projects.client.LabelStudioClient` (``projects.client.connect()``).
+
+- :func:`create_round_projects`: the rating and the segmentation project of round i (idempotent:
+  found again by title).
+- :func:`register_local_storage` / :func:`ensure_storages`: local-files storages that let Label
+  Studio serve the pool images and overlays (no sync: we import the tasks ourselves).
+- :func:`connect_ml_backend`: the ML backend (via ``ml_backend.ls_connect``).
+- :func:`push_rating_tasks`: candidates M with pre-blended overlays; :func:`push_segmentation_tasks`:
+  S with brush pre-annotations, validated before sending. Pushes are bulk (one request per batch),
+  keyed by the image id in task data and meta, and idempotent: a re-run after a crash adds only
+  the missing tasks; a batch whose request failed is re-checked before it is sent again.
+- :func:`collect_ratings`, :func:`rating_progress`, :func:`segmentation_progress`,
+  :func:`export_masks` (finished masks -> ``images/`` + ``masks/`` mode-P PNGs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlparse
+
+import numpy as np
+
+from ml_backend.atomic import atomic_write
+from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
+from ml_backend.errors import MadsegError, MaskError
+
+from . import configs
+from .client import LabelStudioClient, LabelStudioUnreachable
+from .mos import Rating, parse_rating_result
+from .rle import decode, encode
+
+log = logging.getLogger(__name__)
+
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+DEFAULT_BATCH = 250
+DOC_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+_STEM_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class AnnotationError(MadsegError):
+    """A finished annotation cannot be turned into a mask (unknown label, bad sizes, bad RLE)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# projects
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundProjects:
+    """Project ids of one round."""
+
+    rating: int
+    segmentation: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"rating": self.rating, "segmentation": self.segmentation}
+
+
+def round_titles(experiment: str, round_index: int) -> tuple[str, str]:
+    """Titles of round ``round_index``'s (rating, segmentation) projects of ``experiment``."""
+    name = str(experiment).strip() or "madseg"
+    if round_index < 0:
+        raise MadsegError(f"round {round_index}: round numbers start at 0")
+    return (f"{name} round {round_index}: rating"[:50], f"{name} round {round_index}: segmentation"[:50])
+
+
+def _find_project(client: LabelStudioClient, title: str) -> dict[str, Any] | None:
+    page = client.request("GET", "api/projects", "listing projects",
+                          params={"title": title, "page_size": 100, "include": "id,title"})
+    items = page.get("results", []) if isinstance(page, dict) else page
+    found = [p for p in items or [] if p.get("title") == title]
+    return found[0] if found else None
+
+
+def ensure_project(
+    client: LabelStudioClient,
+    title: str,
+    label_config: str,
+    *,
+    maximum_annotations: int = 1,
+    instructions: str = "",
+    sampling: str = "Uniform sampling",
+    extra: Mapping[str, Any] | None = None,
+) -> int:
+    """The project called ``title`` (created, or its settings updated when it exists); its id."""
+    if sampling not in ("Sequential sampling", "Uniform sampling", "Uncertainty sampling"):
+        raise MadsegError(f"sampling {sampling!r}: use 'Sequential sampling', 'Uniform sampling' or "
+                          "'Uncertainty sampling'")
+    if maximum_annotations < 1:
+        raise MadsegError(f"{maximum_annotations} annotators per task: need at least 1")
+    settings: dict[str, Any] = {
+        "title": title,
+        "label_config": label_config,
+        "maximum_annotations": int(maximum_annotations),
+        "overlap_cohort_percentage": 100,
+        "expert_instruction": instructions,
+        "show_instruction": bool(instructions),
+        "sampling": sampling,
+        "show_skip_button": False,
+        "enable_empty_annotation": False,
+        "show_collab_predictions": True,
+        **(extra or {}),
+    }
+    existing = _find_project(client, title)
+    if existing is None:
+        proj = client.request("POST", "api/projects", f"creating project {title!r}", json=settings)
+        log.info("created Label Studio project %d %r", proj["id"], title)
+        return int(proj["id"])
+    pid = int(existing["id"])
+    client.request("PATCH", f"api/projects/{pid}", f"updating project {pid}", json=settings)
+    return pid
+
+
+def create_round_projects(
+    client: LabelStudioClient,
+    experiment: str,
+    round_index: int,
+    *,
+    classes: Sequence[str] = VOC_CLASSES,
+    raters_per_task: int = 3,
+    rating_instructions: str = configs.RATING_INSTRUCTIONS,
+    segmentation_instructions: str = configs.SEGMENTATION_INSTRUCTIONS,
+    sampling: str = "Uniform sampling",
+    document_root: str | os.PathLike[str] | None = None,
+    storage_folders: Iterable[str | os.PathLike[str]] = (),
+) -> RoundProjects:
+    """Create (or find and update) the rating and segmentation projects of round ``round_index``.
+
+    Rating: ``raters_per_task`` different raters per task (task overlap); segmentation: one
+    annotator per task. ``storage_folders`` (pool folders, the round's overlay folder) get a
+    local-files storage in both projects (``document_root`` required then).
+    """
+    if raters_per_task < 1:
+        raise MadsegError(f"raters_per_task = {raters_per_task}: need at least one rater per task")
+    rating_title, seg_title = round_titles(experiment, round_index)
+    rating = ensure_project(
+        client, rating_title, configs.rating_config(f"{experiment}, round {round_index}"),
+        maximum_annotations=raters_per_task, instructions=rating_instructions, sampling=sampling,
+    )
+    seg = ensure_project(
+        client, seg_title, configs.segmentation_config(classes), maximum_annotations=1,
+        instructions=segmentation_instructions, sampling=sampling,
+    )
+    folders = [Path(f) for f in storage_folders]
+    if folders:
+        root = resolve_document_root(document_root)
+        for pid in (rating, seg):
+            ensure_storages(client, pid, folders, root)
+    return RoundProjects(rating, seg)
+
+
+def project_label_config(client: LabelStudioClient, project_id: int) -> tuple[str, str]:
+    """(title, label config) of a project."""
+    proj = client.request("GET", f"api/projects/{project_id}", f"reading project {project_id}")
+    return str(proj.get("title", project_id)), str(proj.get("label_config", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# local files
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_document_root(document_root: str | os.PathLike[str] | None) -> Path:
+    """The local-files document root: the argument, else ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``."""
+    root = document_root if document_root is not None else os.environ.get(DOC_ROOT_ENV)
+    if not root:
+        raise MadsegError(
+            f"no Label Studio document root given; pass --document-root or set {DOC_ROOT_ENV} to the "
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT Label Studio runs with"
+        )
+    path = Path(os.path.abspath(root))
+    if not path.is_dir():
+        raise MadsegError(f"Label Studio document root {path} is not a folder")
+    return path
+
+
+def relative_to_root(path: str | os.PathLike[str], document_root: Path, what: str = "file") -> str:
+    """``path`` relative to ``document_root`` (POSIX), or a clear error when it is outside."""
+    p = Path(os.path.abspath(path))
+    try:
+        rel = p.relative_to(document_root)
+    except ValueError:
+        raise MadsegError(
+            f"{what} {p} is outside the Label Studio document root {document_root}; Label Studio can "
+            "only serve files under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: move the file or restart "
+            "Label Studio with a document root that contains it"
+        ) from None
+    if not rel.parts:
+        raise MadsegError(f"{what} {p} is the document root itself; use a file or folder inside it")
+    return rel.as_posix()
+
+
+def local_files_url(path: str | os.PathLike[str], document_root: Path, what: str = "image") -> str:
+    """Task URL ``/data/local-files/?d=<path under the document root>`` of a local file."""
+    return LOCAL_FILES_PREFIX + quote(relative_to_root(path, document_root, what), safe="/")
+
+
+def path_from_url(url: str, document_root: Path | None) -> Path | None:
+    """The local file behind a ``/data/local-files/?d=...`` URL, or None for other URLs."""
+    parsed = urlparse(url)
+    if not parsed.path.endswith("/data/local-files/"):
+        return None
+    d = parse_qs(parsed.query).get("d")
+    if not d or document_root is None:
+        return None
+    return document_root / d[0]
+
+
+def list_storages(client: LabelStudioClient, project_id: int) -> list[dict[str, Any]]:
+    """The project's local-files import storages."""
+    items = client.request("GET", "api/storages/localfiles", f"listing storages of project {project_id}",
+                           params={"project": project_id})
+    return list(items or [])
+
+
+def register_local_storage(
+    client: LabelStudioClient,
+    project_id: int,
+    folder: str | os.PathLike[str],
+    document_root: Path,
+    title: str | None = None,
+) -> int:
+    """A local-files storage on ``folder`` (a subfolder of the document root) for the project;
+    idempotent (an existing storage on the same folder is reused). Returns the storage id.
+
+    The storage only grants Label Studio permission to serve the files; it is never synced (the
+    tasks are imported by the push functions).
+    """
+    folder_path = Path(os.path.abspath(folder))
+    if not folder_path.is_dir():
+        raise MadsegError(f"storage folder {folder_path} does not exist or is not a folder")
+    relative_to_root(folder_path, document_root, "storage folder")
+    for st in list_storages(client, project_id):
+        if os.path.abspath(st.get("path") or "") == str(folder_path):
+            return int(st["id"])
+    st = client.request(
+        "POST", "api/storages/localfiles", f"registering storage {folder_path} for project {project_id}",
+        json={"project": project_id, "path": str(folder_path), "title": (title or folder_path.name)[:256],
+              "use_blob_urls": False, "recursive_scan": True, "regex_filter": ""},
+    )
+    log.info("project %d: local-files storage %s on %s", project_id, st["id"], folder_path)
+    return int(st["id"])
+
+
+def ensure_storages(
+    client: LabelStudioClient, project_id: int, folders: Iterable[str | os.PathLike[str]], document_root: Path
+) -> list[int]:
+    """Storages so that every file in ``folders`` can be served; folders already covered by a
+    storage of a parent folder are left alone. Returns the storage ids used."""
+    have = {os.path.abspath(st.get("path") or ""): int(st["id"]) for st in list_storages(client, project_id)}
+    ids: list[int] = []
+    for folder in sorted({os.path.abspath(f) for f in folders}):
+        covering = [sid for path, sid in have.items() if folder == path or folder.startswith(path + os.sep)]
+        if covering:
+            ids.append(covering[0])
+            continue
+        sid = register_local_storage(client, project_id, folder, document_root)
+        have[folder] = sid
+        ids.append(sid)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# ML backend
+# ---------------------------------------------------------------------------------------------
+
+
+def connect_ml_backend(
+    client: LabelStudioClient, project_id: int, url: str, basic_auth: tuple[str, str] | None = None
+) -> int:
+    """Connect the ML backend at ``url`` to the project (idempotent); the ML backend id."""
+    from ml_backend.ls_connect import connect_backend
+
+    return client.call(f"connecting ML backend {url} to project {project_id}",
+                       lambda: connect_backend(client.sdk, project_id, url, basic_auth=basic_auth))
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: listing and idempotent bulk import
+# ---------------------------------------------------------------------------------------------
+
+
+def task_image_id(task: Mapping[str, Any]) -> str | None:
+    """The madseg image id of a task (``meta.image_id`` or ``data.image_id``)."""
+    for part in ("meta", "data"):
+        d = task.get(part)
+        if isinstance(d, Mapping) and d.get("image_id") not in (None, ""):
+            return str(d["image_id"])
+    return None
+
+
+def iter_tasks(client: LabelStudioClient, project_id: int, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+    """The project's tasks (id, data, meta, annotation counts), page by page."""
+    page = 1
+    while True:
+        body = client.request(
+            "GET", "api/tasks", f"listing tasks of project {project_id}",
+            params={"project": project_id, "page": page, "page_size": page_size, "fields": "task_only",
+                    "include": "id,data,meta,total_annotations,cancelled_annotations,is_labeled"},
+        )
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        yield from tasks
+        total = int(body.get("total", 0)) if isinstance(body, dict) else len(tasks)
+        if not tasks or page * page_size >= total:
+            return
+        page += 1
+
+
+def existing_image_ids(client: LabelStudioClient, project_id: int) -> dict[str, int]:
+    """Image id -> task id of the project's tasks that carry one."""
+    out: dict[str, int] = {}
+    for t in iter_tasks(client, project_id):
+        iid = task_image_id(t)
+        if iid is not None:
+            out.setdefault(iid, int(t["id"]))
+    return out
+
+
+@dataclass
+class PushResult:
+    """What a push did: tasks created now, tasks that were there already, task id per image."""
+
+    created: int = 0
+    existing: int = 0
+    task_ids: dict[str, int] = field(default_factory=dict)
+
+    def __int__(self) -> int:
+        return self.created
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"created": self.created, "existing": self.existing, "tasks": len(self.task_ids)}
+
+
+def _import_batch(
+    client: LabelStudioClient, project_id: int, batch: list[tuple[str, dict[str, Any]]]
+) -> dict[str, int]:
+    """Import one batch in one request; after a failed request, re-check which tasks arrived and
+    send only the missing ones (bounded attempts). Image id -> task id of the batch."""
+    pending = list(batch)
+    delay = client.backoff_s
+    for attempt in range(client.retries + 1):
+        try:
+            body = client.sdk._client_wrapper.httpx_client.request(
+                f"api/projects/{project_id}/import", method="POST",
+                params={"return_task_ids": "true"}, json=[t for _, t in pending],
+                request_options={"max_retries": 0, "timeout_in_seconds": int(client.timeout_s)},
+            )
+            if body.status_code < 400:
+                ids = body.json().get("task_ids") or []
+                if len(ids) != len(pending):
+                    raise MadsegError(f"project {project_id}: import returned {len(ids)} task ids for "
+                                      f"{len(pending)} tasks")
+                return {iid: int(tid) for (iid, _), tid in zip(pending, ids, strict=True)}
+            if body.status_code < 500 and body.status_code not in (408, 429):
+                try:
+                    detail = str(body.json())[:300]
+                except ValueError:
+                    detail = body.text[:300]
+                raise MadsegError(f"Label Studio at {client.url}: importing tasks into project {project_id} "
+                                  f"failed (HTTP {body.status_code}: {detail})")
+            reason = f"HTTP {body.status_code}"
+        except MadsegError:
+            raise
+        except Exception as exc:  # connection errors, timeouts
+            import httpx
+
+            if not isinstance(exc, httpx.TransportError):
+                raise
+            reason = type(exc).__name__
+        if attempt == client.retries:
+            break
+        log.warning("project %d: import of %d tasks failed (%s); re-checking and retrying in %.1f s",
+                    project_id, len(pending), reason, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+        try:
+            there = existing_image_ids(client, project_id)
+        except LabelStudioUnreachable:
+            continue
+        done = {iid: there[iid] for iid, _ in pending if iid in there}
+        pending = [(iid, t) for iid, t in pending if iid not in there]
+        if not pending:
+            return done
+    raise LabelStudioUnreachable(
+        f"Label Studio at {client.url} unreachable: importing tasks into project {project_id} failed "
+        f"after {client.retries + 1} attempts; re-run the same command to push the missing tasks"
+    )
+
+
+def push_tasks(
+    client: LabelStudioClient,
+    project_id: int,
+    items: Iterable[tuple[str, Callable[[], dict[str, Any]]]],
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    progress: bool = True,
+    desc: str = "push",
+) -> PushResult:
+    """Bulk-import tasks keyed by image id; images that already have a task are skipped.
+
+    ``items``: (image id, make_task) pairs; ``make_task()`` builds the task dict (only called for
+    missing images, so overlays / predictions are computed only for them).
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise MadsegError(f"batch size {batch_size} must be >= 1")
+    result = PushResult()
+    there = existing_image_ids(client, project_id)
+    items = list(items)
+    seen: set[str] = set()
+    todo: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    for iid, make in items:
+        if iid in seen:
+            raise MadsegError(f"image id {iid!r} appears twice in the input; image ids must be unique")
+        seen.add(iid)
+        if iid in there:
+            result.existing += 1
+            result.task_ids[iid] = there[iid]
+        else:
+            todo.append((iid, make))
+    with tqdm(total=len(todo), desc=desc, unit="task", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = [(iid, make()) for iid, make in chunk]
+            got = _import_batch(client, project_id, batch)
+            result.task_ids.update(got)
+            result.created += len(got)
+            bar.update(len(chunk))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates and label maps
+# ---------------------------------------------------------------------------------------------
+
+
+def read_candidates(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Lines of a ``candidates.jsonl`` (objects with at least ``id`` and ``path``)."""
+    path = Path(path)
+    out: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise MadsegError(f"{path}: cannot read candidates ({exc.strerror or exc})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MadsegError(f"{path}:{n}: not JSON ({exc.msg}); fix or regenerate the file") from None
+        out.append(obj)
+    return check_candidates(out, str(path))
+
+
+def check_candidates(cands: Sequence[Mapping[str, Any]], source: str = "candidates") -> list[dict[str, Any]]:
+    """Each candidate as a dict with a non-empty ``id`` and ``path``; clear error otherwise."""
+    out = []
+    for n, c in enumerate(cands, 1):
+        if not isinstance(c, Mapping) or not c.get("id") or not c.get("path"):
+            raise MadsegError(f"{source}: entry {n} lacks 'id' or 'path'; each line needs both")
+        out.append(dict(c, id=str(c["id"])))
+    return out
+
+
+LabelMaps = Callable[[str], np.ndarray]
+
+
+def label_maps_from_dir(pred_dir: str | os.PathLike[str], num_classes: int) -> LabelMaps:
+    """Image id -> (H, W) label map read from ``<pred_dir>/<id>.png``."""
+    from ml_backend.imageio import read_mask
+
+    pred_dir = Path(pred_dir)
+
+    def load(image_id: str) -> np.ndarray:
+        p = pred_dir / f"{image_id}.png"
+        if not p.exists():
+            raise MadsegError(f"no prediction for image {image_id}: {p} is missing; run the predict stage")
+        return read_mask(p, num_classes)
+
+    return load
+
+
+def _as_label_maps(predictions: LabelMaps | str | os.PathLike[str], num_classes: int) -> LabelMaps:
+    if callable(predictions):
+        return predictions
+    return label_maps_from_dir(predictions, num_classes)
+
+
+def _resize_nearest(label_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    if label_map.shape == (height, width):
+        return label_map
+    rows = (np.arange(height) * label_map.shape[0]) // height
+    cols = (np.arange(width) * label_map.shape[1]) // width
+    return label_map[rows[:, None], cols[None, :]]
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file after EXIF orientation (header only where possible)."""
+    from PIL import Image
+
+    from ml_backend.errors import ImageReadError
+
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112, 1)
+            w, h = im.size
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            return int(w), int(h)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _safe_stem(image_id: str) -> str:
+    stem = _STEM_RE.sub("_", image_id).strip("._") or "image"
+    return stem[:150]
+
+
+# ---------------------------------------------------------------------------------------------
+# rating project
+# ---------------------------------------------------------------------------------------------
+
+
+def push_rating_tasks(
+    client: LabelStudioClient,
+    project_id: int,
+    candidates: Sequence[Mapping[str, Any]],
+    *,
+    predictions: LabelMaps | str | os.PathLike[str],
+    overlay_dir: str | os.PathLike[str],
+    document_root: str | os.PathLike[str] | None = None,
+    num_classes: int = len(VOC_CLASSES),
+    alpha: float = 0.55,
+    batch_size: int = DEFAULT_BATCH,
+    progress: bool = True,
+) -> PushResult:
+    """Push candidates M into the rating project: one task per image with the photo and an overlay
+    of the target's prediction (written to ``overlay_dir/<id>.png``, kept for re-runs).
+
+    ``predictions``: a folder of ``<id>.png`` label maps or a function image id -> (H, W) map.
+    Images and overlays must be under the document root; storages are registered as needed.
+    """
+    from ml_backend.imageio import read_rgb
+
+    from .overlay import write_overlay
+
+    root = resolve_document_root(document_root)
+    title, config = project_label_config(client, project_id)
+    ctl = configs.validate_rating_config(config, f"rating project {project_id} ({title!r})")
+    cands = check_candidates(candidates)
+    overlay_dir = Path(os.path.abspath(overlay_dir))
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    for c in cands:
+        relative_to_root(c["path"], root, f"image {c['id']}")
+    relative_to_root(overlay_dir, root, "overlay folder")
+    ensure_storages(client, project_id, [overlay_dir, *{str(Path(c["path"]).parent) for c in cands}], root)
+    maps = _as_label_maps(predictions, num_classes)
+
+    def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+        def make() -> dict[str, Any]:
+            iid = c["id"]
+            ov = overlay_dir / f"{_safe_stem(iid)}.png"
+            if not ov.exists():
+                write_overlay(ov, read_rgb(c["path"]), maps(iid), alpha)
+            return {
+                "data": {ctl.image_key: local_files_url(c["path"], root), ctl.overlay_key:
+                         local_files_url(ov, root, "overlay"), "image_id": iid},
+                "meta": {"image_id": iid, "path": os.path.abspath(c["path"])},
+            }
+
+        return make
+
+    return push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
+                      progress=progress, desc=f"rating tasks -> project {project_id}")
+
+
+def export_tasks(client: LabelStudioClient, project_id: int) -> list[dict[str, Any]]:
+    """Every task of the project with its annotations (JSON export, one request)."""
+    body = client.request("GET", f"api/projects/{project_id}/export", f"exporting project {project_id}",
+                          params={"exportType": "JSON", "download_all_tasks": "true"}, timeout_s=600)
+    if not isinstance(body, list):
+        raise MadsegError(f"Label Studio at {client.url}: project {project_id} export is not a task list")
+    return body
+
+
+def _annotator(annotation: Mapping[str, Any]) -> int:
+    cb = annotation.get("completed_by")
+    if isinstance(cb, Mapping):
+        cb = cb.get("id")
+    try:
+        return int(cb)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _finished(annotation: Mapping[str, Any]) -> bool:
+    return not annotation.get("was_cancelled")
+
+
+def collect_ratings(client: LabelStudioClient, project_id: int) -> list[Rating]:
+    """Every submitted rating of the project (cancelled / skipped ones left out).
+
+    The label config is checked first; a malformed rating raises
+    :class:`projects.mos.RatingError` naming the project, task and annotation.
+    """
+    title, config = project_label_config(client, project_id)
+    ctl = configs.validate_rating_config(config, f"rating project {project_id} ({title!r})")
+    out: list[Rating] = []
+    for task in export_tasks(client, project_id):
+        iid = task_image_id(task)
+        if iid is None:
+            log.warning("project %d task %s has no image id; ignored", project_id, task.get("id"))
+            continue
+        for ann in task.get("annotations") or []:
+            if not _finished(ann):
+                continue
+            where = f"rating project {project_id}, task {task.get('id')}, annotation {ann.get('id')}"
+            score, ood = parse_rating_result(ann.get("result") or [], where, rating_from=ctl.rating_from,
+                                             ood_from=ctl.ood_from)
+            out.append(Rating(iid, _annotator(ann), score, ood, int(task["id"]), int(ann["id"])))
+    return out
+
+
+def rating_progress(client: LabelStudioClient, project_id: int, raters_per_task: int) -> tuple[int, int]:
+    """(tasks rated by ``raters_per_task`` raters, all tasks) of a rating project."""
+    done = total = 0
+    for t in iter_tasks(client, project_id):
+        total += 1
+        finished = int(t.get("total_annotations") or 0)
+        if finished >= raters_per_task:
+            done += 1
+    return done, total
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation project
+# ---------------------------------------------------------------------------------------------
+
+
+def brush_results(
+    label_map: np.ndarray, classes: Sequence[str], controls: configs.BrushControls
+) -> list[dict[str, Any]]:
+    """One brush result per class present in ``label_map`` (H, W) (ignore pixels left out)."""
+    h, w = label_map.shape
+    counts = np.bincount(label_map.reshape(-1), minlength=256)
+    out = []
+    for k in np.flatnonzero(counts[: len(classes)]).tolist():
+        out.append({
+            "from_name": controls.from_name, "to_name": controls.to_name, "type": "brushlabels",
+            "original_width": int(w), "original_height": int(h), "image_rotation": 0,
+            "value": {"format": "rle", "rle": encode(label_map == k), "brushlabels": [classes[k]]},
+        })
+    bad = np.flatnonzero(counts[len(classes):]).tolist()
+    bad = [b + len(classes) for b in bad if b + len(classes) != IGNORE_INDEX]
+    if bad:
+        raise MaskError(f"label map has values {bad[:5]} outside 0..{len(classes) - 1} and {IGNORE_INDEX}")
+    return out
+
+
+def validate_brush_prediction(
+    prediction: Mapping[str, Any], controls: configs.BrushControls, size: tuple[int, int], where: str
+) -> None:
+    """Check a brush prediction before sending (Label Studio stores anything): names, labels,
+    sizes ((width, height) of the image) and that every RLE decodes to that size."""
+    if not isinstance(prediction.get("result"), list):
+        raise MadsegError(f"{where}: prediction has no result list")
+    score = prediction.get("score")
+    if score is not None and not (isinstance(score, (int, float)) and np.isfinite(score)):
+        raise MadsegError(f"{where}: prediction score {score!r} is not a finite number")
+    w, h = size
+    labels = set(controls.labels)
+    for r in prediction["result"]:
+        if r.get("from_name") != controls.from_name or r.get("to_name") != controls.to_name:
+            raise MadsegError(f"{where}: result names {r.get('from_name')!r}->{r.get('to_name')!r}, the "
+                              f"project expects {controls.from_name!r}->{controls.to_name!r}")
+        if r.get("type") != "brushlabels":
+            raise MadsegError(f"{where}: result type {r.get('type')!r}, expected 'brushlabels'")
+        if (r.get("original_width"), r.get("original_height")) != (w, h):
+            raise MadsegError(f"{where}: result size {r.get('original_width')}x{r.get('original_height')} "
+                              f"differs from the image's {w}x{h}")
+        value = r.get("value") or {}
+        names = value.get("brushlabels")
+        if not isinstance(names, list) or len(names) != 1 or names[0] not in labels:
+            raise MadsegError(f"{where}: brush labels {names!r} are not one of the project's labels")
+        decode(value.get("rle"), h, w, where=f"{where}, label {names[0]!r}")
+
+
+def push_segmentation_tasks(
+    client: LabelStudioClient,
+    project_id: int,
+    candidates: Sequence[Mapping[str, Any]],
+    *,
+    predictions: LabelMaps | str | os.PathLike[str],
+    model_version: str,
+    classes: Sequence[str] = VOC_CLASSES,
+    scores: Mapping[str, float] | None = None,
+    document_root: str | os.PathLike[str] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    progress: bool = True,
+) -> PushResult:
+    """Push S into the segmentation project with the target's prediction as pre-annotation.
+
+    One brush result per predicted class (label maps resized to the image with nearest
+    neighbour), ``model_version`` and a score (``scores[id]``, default 0) per prediction, all
+    validated before sending. The project's ``model_version`` is set so the pre-annotations show.
+    """
+    root = resolve_document_root(document_root)
+    title, config = project_label_config(client, project_id)
+    ctl = configs.validate_segmentation_config(config, classes,
+                                               f"segmentation project {project_id} ({title!r})")
+    cands = check_candidates(candidates)
+    for c in cands:
+        relative_to_root(c["path"], root, f"image {c['id']}")
+    ensure_storages(client, project_id, {str(Path(c["path"]).parent) for c in cands}, root)
+    maps = _as_label_maps(predictions, len(classes))
+    scores = scores or {}
+    classes = list(classes)
+
+    def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+        def make() -> dict[str, Any]:
+            iid = c["id"]
+            w, h = image_size(c["path"])
+            lm = _resize_nearest(maps(iid), h, w)
+            pred = {"model_version": str(model_version), "score": float(scores.get(iid, 0.0)),
+                    "result": brush_results(lm, classes, ctl)}
+            validate_brush_prediction(pred, ctl, (w, h), f"image {iid}")
+            return {
+                "data": {ctl.image_key: local_files_url(c["path"], root), "image_id": iid},
+                "meta": {"image_id": iid, "path": os.path.abspath(c["path"])},
+                "predictions": [pred],
+            }
+
+        return make
+
+    client.request("PATCH", f"api/projects/{project_id}", f"setting model version of project {project_id}",
+                   json={"model_version": str(model_version), "show_collab_predictions": True})
+    return push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
+                      progress=progress, desc=f"segmentation tasks -> project {project_id}")
+
+
+def segmentation_progress(client: LabelStudioClient, project_id: int) -> tuple[int, int]:
+    """(tasks with a submitted annotation, all tasks) of a segmentation project."""
+    done = total = 0
+    for t in iter_tasks(client, project_id):
+        total += 1
+        if int(t.get("total_annotations") or 0) > 0:
+            done += 1
+    return done, total
+
+
+def annotation_mask(
+    result: Sequence[Mapping[str, Any]], classes: Sequence[str], controls: configs.BrushControls, where: str
+) -> np.ndarray | None:
+    """The (H, W) uint8 class map of a brush annotation's ``result`` (unpainted pixels 255;
+    where regions overlap the later one wins). None if it has no brush regions."""
+    index = {name: k for k, name in enumerate(classes)}
+    mask: np.ndarray | None = None
+    size: tuple[int, int] | None = None
+    for n, r in enumerate(result):
+        if not isinstance(r, Mapping) or r.get("type") != "brushlabels":
+            continue
+        if r.get("from_name") != controls.from_name:
+            continue
+        value = r.get("value") if isinstance(r.get("value"), Mapping) else {}
+        names = value.get("brushlabels")
+        if not isinstance(names, list) or len(names) != 1:
+            raise AnnotationError(f"{where}, region {n + 1}: brush region has labels {names!r}; "
+                                  "give each region exactly one label in Label Studio")
+        if names[0] not in index:
+            raise AnnotationError(f"{where}, region {n + 1}: unknown label {names[0]!r}; the project's "
+                                  f"classes are {list(classes)} — relabel the region or fix the class list")
+        try:
+            w, h = int(r["original_width"]), int(r["original_height"])
+        except (KeyError, TypeError, ValueError):
+            raise AnnotationError(
+                f"{where}, region {n + 1}: missing original_width/original_height"
+            ) from None
+        if size is None:
+            size = (w, h)
+            mask = np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
+        elif size != (w, h):
+            raise AnnotationError(
+                f"{where}: regions of sizes {size[0]}x{size[1]} and {w}x{h} in one annotation"
+            )
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise AnnotationError(f"{where}, region {n + 1}: brush region without RLE data")
+        alpha = decode(value["rle"], h, w, where=f"{where}, region {n + 1} ({names[0]})")
+        assert mask is not None
+        mask[alpha > 0] = index[names[0]]
+    return mask
+
+
+def _latest_finished(annotations: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    done = [a for a in annotations if _finished(a)]
+    if not done:
+        return None
+    return max(done, key=lambda a: (str(a.get("updated_at") or ""), int(a.get("id") or 0)))
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    if dst.exists():
+        a, b = src.stat(), dst.stat()
+        if a.st_size == b.st_size and b.st_mtime >= a.st_mtime:
+            return
+    with open(src, "rb") as fh:
+        atomic_write(dst, lambda out: shutil.copyfileobj(fh, out, 1 << 20))
+
+
+def export_masks(
+    client: LabelStudioClient,
+    project_id: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] = VOC_CLASSES,
+    document_root: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """Export every finished mask of a segmentation project into a labelled folder.
+
+    Writes ``out_dir/images/<stem><ext>`` (a copy of the photo) and ``out_dir/masks/<stem>.png``
+    (mode-P PNG, class indices, 255 = unpainted) for each task with a submitted annotation (the
+    latest one). Returns image id -> stem. Unknown labels, bad sizes or malformed RLE raise
+    :class:`AnnotationError` / :class:`projects.rle.RLEError` naming the task; files are written
+    atomically, so a re-run redoes the export safely.
+    """
+    from ml_backend.imageio import write_mask
+
+    title, config = project_label_config(client, project_id)
+    classes = list(classes)
+    ctl = configs.validate_segmentation_config(config, classes,
+                                               f"segmentation project {project_id} ({title!r})")
+    root: Path | None = None
+    if document_root is not None or os.environ.get(DOC_ROOT_ENV):
+        root = resolve_document_root(document_root)
+    out = Path(out_dir)
+    images_dir, masks_dir = out / "images", out / "masks"
+    written: dict[str, str] = {}
+    used: set[str] = set()
+    for task in export_tasks(client, project_id):
+        ann = _latest_finished(task.get("annotations") or [])
+        if ann is None:
+            continue
+        tid = task.get("id")
+        where = f"segmentation project {project_id}, task {tid}, annotation {ann.get('id')}"
+        iid = task_image_id(task) or f"task{tid}"
+        src = (task.get("meta") or {}).get("path")
+        url = str((task.get("data") or {}).get(ctl.image_key, ""))
+        image_path = Path(src) if src else path_from_url(url, root)
+        if image_path is None or not image_path.is_file():
+            raise AnnotationError(f"{where}: its image {image_path or '(no local path)'} is not readable "
+                                  "here; pass --document-root (the one Label Studio serves local files from)")
+        w, h = image_size(image_path)
+        mask = annotation_mask(ann.get("result") or [], classes, ctl, where)
+        if mask is None:
+            log.warning("%s has no brush regions; exported as all-ignore", where)
+            mask = np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
+        if mask.shape != (h, w):
+            raise AnnotationError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} "
+                                  f"is {w}x{h}")
+        stem = _safe_stem(iid)
+        if stem in used:
+            stem = f"{stem}-t{tid}"
+        used.add(stem)
+        written[iid] = stem
+        _copy_atomic(image_path, images_dir / f"{stem}{image_path.suffix.lower()}")
+        write_mask(masks_dir / f"{stem}.png", mask)
+    return written
