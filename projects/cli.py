@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "ml_backend.backend_cli",
     "ml_backend.cli",
+    "projects.admin_cli",
     "projects.report_cli",
     "projects.round_cli",
     "sampler.cli",
