@@ -315,8 +315,9 @@ class RoundRunner:
         cands = {c["id"]: c for c in read_candidates(plan.dir / "candidates.jsonl")}
         ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
         pid = int(st.outputs("projects")["segmentation"])
-        roles = {**{k: "test" for k in ch["T"]}, **{k: "train" for k in ch["S"]}}
-        return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], roles, plan.dir / "pred")
+        version = st.outputs("score")["target_version"]
+        return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], plan.dir / "pred",
+                                               f"{plan.target_key} {version}")
 
     def _stage_masks(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ch = st.outputs("choose")
@@ -629,30 +630,48 @@ class Services:
         return {"predictions": "pred", "n": len(cands), "computed": len(todo)}
 
     # -- Label Studio ----------------------------------------------------------------------------
-    def _admin(self) -> Any:
-        from . import admin
+    def client(self) -> Any:
+        """The Label Studio client (``projects.client.connect``) for the config's URL and key."""
+        if getattr(self, "_client", None) is None:
+            from .client import connect
 
-        return admin
+            ls = self.exp.label_studio
+            self._client = connect(ls.url, ls.api_key())
+        return self._client
+
+    def _title_name(self, plan: RoundPlan) -> str:
+        """The experiment name used in the project titles (``<name> round <i>: rating``)."""
+        suffix = {"mad": "", "eval": "", "entropy": " entropy", "compare": " mad-vs-entropy"}[plan.kind]
+        return f"{self.exp.name}{suffix}"
 
     def ensure_projects(self, plan: RoundPlan) -> dict[str, Any]:
-        from . import admin
+        """The round's rating + segmentation projects (found again by title, so a crash between
+        creating them and recording them creates nothing twice); the ML backend is connected to the
+        segmentation project when a backend URL is configured."""
+        from .admin import connect_ml_backend, create_round_projects
 
         ls = self.exp.label_studio
-        pids = admin.ensure_round_projects(
-            title=plan.title, classes=list(self.exp.classes), raters_per_task=ls.raters_per_task,
-            document_root=self.exp.document_root(),
-            storage_folders=[plan.dir, *self.exp.pool.folders],
-            backend_url=self.options.backend_url or ls.backend_url,
-        )
-        return {"rating": int(pids["rating"]), "segmentation": int(pids["segmentation"])}
+        client = self.client()
+        pids = create_round_projects(client, self._title_name(plan), plan.number,
+                                     classes=list(self.exp.classes), raters_per_task=ls.raters_per_task,
+                                     document_root=self.exp.document_root())
+        out: dict[str, Any] = pids.to_dict()
+        url = self.options.backend_url or ls.backend_url
+        if url:
+            try:
+                out["ml_backend"] = int(connect_ml_backend(client, pids.segmentation, url))
+            except MadsegError as exc:  # the loop works without it (no interactive pre-fill)
+                log.warning("ML backend %s not connected to project %d: %s", url, pids.segmentation, exc)
+        return out
 
     def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
                     pred_dir: Path) -> dict[str, Any]:
-        from . import admin
+        from .admin import push_rating_tasks
 
-        n = admin.push_rating_tasks(pid, cands, pred_dir=pred_dir, overlay_dir=plan.dir / "overlays",
-                                    document_root=self.exp.document_root())
-        return {"pushed": int(n), "tasks": len(cands)}
+        res = push_rating_tasks(self.client(), pid, cands, predictions=pred_dir,
+                                overlay_dir=plan.dir / "overlays", document_root=self.exp.document_root(),
+                                num_classes=self.exp.num_classes, progress=self.options.progress)
+        return res.to_dict()
 
     def _oracle_images(self, cands: Sequence[Mapping[str, Any]], pred_dir: Path) -> dict[str, Any]:
         from ml_backend.imageio import read_mask
@@ -692,7 +711,7 @@ class Services:
     def wait_ratings(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], pred_dir: Path,
                      *, oracle: bool) -> dict[str, Any]:
         """Ratings of every task (the oracle rates first when enabled) -> MOS with the OOD veto."""
-        from . import admin
+        from .admin import collect_ratings, rating_progress
         from .mos import mean_opinion_scores
 
         ls = self.exp.label_studio
@@ -704,26 +723,28 @@ class Services:
                         GroundTruth(o.gt, self.exp.num_classes), n_raters=ls.raters_per_task,
                         noise=o.noise, thresholds=o.thresholds, seed=o.seed, class_names=self.exp.classes,
                         progress=self.options.progress)
-        self._wait("ratings", lambda: admin.rating_progress(pid, ls.raters_per_task))
-        raw = admin.collect_ratings(pid)
+        client = self.client()
+        self._wait("ratings", lambda: rating_progress(client, pid, ls.raters_per_task))
+        raw = collect_ratings(client, pid)
         mos = mean_opinion_scores(raw)
         return {"project": pid, "raw": _jsonable_ratings(raw),
                 "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
                 "ood": {k: v == float("inf") for k, v in mos.items()}}
 
     def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
-                          roles: Mapping[str, str], pred_dir: Path) -> dict[str, Any]:
-        from . import admin
+                          pred_dir: Path, model_version: str) -> dict[str, Any]:
+        from .admin import push_segmentation_tasks
 
-        n = admin.push_segmentation_tasks(pid, cands, pred_dir=pred_dir, roles=roles,
-                                          model_version=plan.target_key, classes=list(self.exp.classes))
-        return {"pushed": int(n), "tasks": len(cands)}
+        res = push_segmentation_tasks(self.client(), pid, cands, predictions=pred_dir,
+                                      model_version=model_version, classes=list(self.exp.classes),
+                                      document_root=self.exp.document_root(), progress=self.options.progress)
+        return res.to_dict()
 
     def wait_masks(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], out: Path, *,
                    oracle: bool) -> dict[str, str]:
         """Masks of every task (the oracle annotator first when enabled), exported to ``out``;
         returns image id -> file stem in ``out``."""
-        from . import admin
+        from .admin import export_masks, segmentation_progress
 
         ls = self.exp.label_studio
         if oracle:
@@ -733,8 +754,10 @@ class Services:
             play_annotator(ls.url, ls.api_key(), pid, self._oracle_images(cands, plan.dir / "pred"),
                            GroundTruth(o.gt, self.exp.num_classes), class_names=self.exp.classes,
                            ignore=o.ignore, progress=self.options.progress)
-        self._wait("masks", lambda: admin.segmentation_progress(pid))
-        return admin.export_masks(pid, out, classes=list(self.exp.classes))
+        client = self.client()
+        self._wait("masks", lambda: segmentation_progress(client, pid))
+        return export_masks(client, pid, out, classes=list(self.exp.classes),
+                            document_root=self.exp.document_root())
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> dict[str, Any]:
