@@ -338,7 +338,7 @@ def _kv_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = []
         for j, c in enumerate(cols):
             v = r.get(c, "")
-            v = f"{v:.4g}" if isinstance(v, float) else v
+            v = f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else v)
             cells.append(f'<td class="l">{_e(v)}</td>' if j == 0 else f"<td>{_e(v)}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", "-e", required=True, type=Path, metavar="DIR",
                    help="the experiment dir (holds results.json and round-*/)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="where to write report.html and report.json (default: the experiment dir)")
+                   help="where to write report.html and report.json (default: DIR/report)")
     p.add_argument("--max-gallery", type=int, default=12, metavar="N", help="images per gallery (default 12)")
     p.add_argument("--thumb-height", type=int, default=160, metavar="PX",
                    help="height of gallery thumbnails in pixels (default 160)")
@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     results = load_results(exp_dir / RESULTS_FILE)
     if not results.get("stages"):
         results["stages"] = stage_times(exp_dir)
-    files = render_report(results, args.out or exp_dir, base_dir=exp_dir, max_gallery=args.max_gallery,
-                          thumb_height=args.thumb_height)
+    files = render_report(results, args.out or (exp_dir / "report"), base_dir=exp_dir,
+                          max_gallery=args.max_gallery, thumb_height=args.thumb_height)
     print(f"report: {files.html.resolve()}")
     print(f"numbers: {files.json.resolve()}")
     print(f"open it with: xdg-open {files.html.resolve()}  (or any browser; it has no external files)")

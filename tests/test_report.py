@@ -254,10 +254,10 @@ def test_madseg_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert load_results(exp / RESULTS_FILE)["experiment"] == "synthetic <demo>"
     assert main(["report", "--experiment", str(exp), "--max-gallery", "2"]) == 0
     out = capsys.readouterr().out
-    assert str((exp / "report.html").resolve()) in out
-    page = (exp / "report.html").read_text()
+    assert str((exp / "report" / "report.html").resolve()) in out
+    page = (exp / "report" / "report.html").read_text()
     assert "Showing 2 of 3." in page
-    numbers = json.loads((exp / "report.json").read_text())
+    numbers = json.loads((exp / "report" / "report.json").read_text())
     assert [(s["where"], s["stage"]) for s in numbers["stages"]] == [
         ("round-1", "score"),
         ("round-1", "select"),
