@@ -97,6 +97,7 @@ class ScoreStats:
     target_version: str = ""
     competitor_versions: list[str] = field(default_factory=list)
     report: str = ""
+    rank_images: list[int] = field(default_factory=list)  # images the target ran on, per rank
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -430,6 +431,7 @@ def _sum_stats(parts: list[ScoreStats]) -> ScoreStats:
             setattr(out, f, getattr(out, f) + getattr(p, f))
         inferred.update(p.inferred)
     out.inferred = dict(inferred)
+    out.rank_images = [p.inferred.get(p.target_version, 0) for p in parts]
     return out
 
 
