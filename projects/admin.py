@@ -746,10 +746,13 @@ def push_segmentation_tasks(
 
         return make
 
-    client.request("PATCH", f"api/projects/{project_id}", f"setting model version of project {project_id}",
-                   json={"model_version": str(model_version), "show_collab_predictions": True})
-    return push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
-                      progress=progress, desc=f"segmentation tasks -> project {project_id}")
+    result = push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
+                        progress=progress, desc=f"segmentation tasks -> project {project_id}")
+    if result.task_ids:  # Label Studio accepts a model version only once predictions carry it
+        client.request("PATCH", f"api/projects/{project_id}",
+                       f"setting model version of project {project_id}",
+                       json={"model_version": str(model_version), "show_collab_predictions": True})
+    return result
 
 
 def segmentation_progress(client: LabelStudioClient, project_id: int) -> tuple[int, int]:
