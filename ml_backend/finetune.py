@@ -388,7 +388,8 @@ class _Trainer:
             loss = loss + self.cfg.lwf_weight * kd
         if not torch.isfinite(loss):
             raise MadsegError(
-                f"finetune: the loss became {float(loss)}; lower the learning rate or check the masks"
+                f"finetune: the loss became {loss.detach().item()}; "
+                "lower the learning rate or check the masks"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
