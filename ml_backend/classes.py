@@ -28,7 +28,7 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 def palette_hex(num_classes: int) -> list[str]:
     """``#rrggbb`` colours of the first ``num_classes`` palette entries."""
-    return ["#%02x%02x%02x" % tuple(int(v) for v in rgb) for rgb in voc_palette(256)[:num_classes]]
+    return ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb)) for rgb in voc_palette(256)[:num_classes]]
 
 
 def colorize(label_map: np.ndarray) -> np.ndarray:
