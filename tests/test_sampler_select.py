@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sampler import select as select_mod
 from sampler.select import PARTITIONS, MadRecord, mad_select, records_by_image, selected_images
 
 
@@ -161,3 +162,18 @@ def test_records_by_image_orders_by_best_rank():
     groups = records_by_image(rec)
     assert list(groups) == [2, 5, 7]
     assert [r.rank for r in groups[5]] == [1, 3]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_and_rare_class_paths_match_brute_force(seed, monkeypatch):
+    """Small prefix sizes force both the prefix path and the rare-class path on every problem mix."""
+    monkeypatch.setattr(select_mod, "_PREFIX_MIN", 5)
+    monkeypatch.setattr(select_mod, "_PREFIX_FACTOR", 1)
+    rng = np.random.default_rng(100 + seed)
+    n, m, c = 400, 2, 6
+    ta = rng.random((n, c)) * (rng.random((n, c)) < np.linspace(0.9, 0.02, c))  # class 5 is rare
+    ca = rng.random((m, n, c)) * (rng.random((m, n, c)) < 0.3)
+    d = np.round(rng.random((m, n)), 2)
+    bounds = np.array([[0.0, 1.0], [0.1, 0.9], [0.0, 0.5], [0.3, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    for n3 in (1, 3, 17):
+        assert mad_select(ta, ca, d, bounds, n3) == brute_force(ta, ca, d, bounds, n3)
