@@ -290,3 +290,12 @@ def test_cli_finetune_and_errors(tmp_path: Path, capsys) -> None:
                "--out", str(tmp_path / "p"), "--lr", "1e-3"])
     err = capsys.readouterr().err
     assert rc == 2 and "missing: no images/ sub-folder" in err and "Traceback" not in err
+
+
+def test_torchvision_model_finetunes_and_reloads_from_sidecar(tmp_path: Path) -> None:
+    tv = load_model("torchvision:lraspp_mobilenet_v3_large", weights=None, input_size=96, device="cpu")
+    res = finetune(tv, LabelledFolder(VOC, TRAIN_STEMS[:2]), tmp_path / "tv", config=_cfg(epochs=1),
+                   progress=False)
+    assert res.spec.options == {"input_size": [96, 96], "num_classes": 21}
+    again = load_model("torchvision:lraspp_mobilenet_v3_large", res.checkpoint)  # options from the sidecar
+    assert again.version == res.version != tv.version and again.input_size == (96, 96)

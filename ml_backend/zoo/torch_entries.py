@@ -354,8 +354,16 @@ def load_torchvision(
             f"{', '.join('torchvision:' + b for b in TORCHVISION_BUILDERS)}"
         )
     weights_opt = options.pop("weights", "DEFAULT")
-    size = parse_size(options.pop("input_size", TORCHVISION_INPUT_SIZE))
+    size_opt = options.pop("input_size", None)
     num_classes = options.pop("num_classes", None)
+    if checkpoint is not None:  # a madseg fine-tune's sidecar supplies the options it was trained with
+        info = (read_sidecar(checkpoint) or {}).get("model") or {}
+        if info.get("name") == f"torchvision:{builder}":
+            sopts = info.get("options") or {}
+            size_opt = size_opt if size_opt is not None else sopts.get("input_size")
+            if options.get("class_names") is None and sopts.get("class_names") is not None:
+                options["class_names"] = sopts["class_names"]
+    size = parse_size(size_opt if size_opt is not None else TORCHVISION_INPUT_SIZE)
     seed = int(options.pop("seed", 0))
     build = getattr(seg, builder)
     name = f"torchvision:{builder}"
