@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import urllib.error
@@ -423,3 +424,28 @@ def test_evaluate_matches_predict_then_metrics() -> None:
     ref_miou, ref_per_class = dataset_miou(pairs, 21)
     assert miou == pytest.approx(ref_miou) and 0.3 < miou <= 1.0
     assert np.allclose(per_class, ref_per_class, equal_nan=True)
+
+
+def test_selfcheck_and_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from projects.cli import main
+
+    out = tmp_path / "sc.json"
+    args = ["selfcheck", "--limit", "2", "--models", "espnetv2_s_0.5_pascal_256x256,tflite",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| deeplabv3_mnv2_dm05_voc | tflite-deeplabv3_mnv2_dm05_voc-513@" in table
+    assert "espnetv2_s_0.5_pascal_256x256" in table and "coco_voc mIoU (n)" in table
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"coco_voc", "voc_samples"}
+    assert all(r["n_images"] == 2 and 0.0 <= r["miou"] <= 1.0 for r in rows)
+    tfl_voc = next(r for r in rows if r["name"] == "tflite" and r["dataset"] == "voc_samples")
+    assert tfl_voc["miou"] > 0.5
+    assert main(args) == 0  # a rerun reuses the finished rows
+    assert json.loads(out.read_text())["results"] == rows
+    capsys.readouterr()
+    assert main(["selfcheck", "--models", "nosuchmodel", "--out", str(out)]) == 2
+    assert "matches none of" in capsys.readouterr().err
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "espnetv2_s_2.0_pascal_384x384.pth" in listing and "torchvision:fcn_resnet101" in listing

@@ -155,13 +155,12 @@ def load_family(
     num_classes = options.pop("num_classes", None)
     weights = options.pop("weights", "pretrained")
     seed = int(options.pop("seed", 0))
-    random_init = is_random(weights)
-    if not random_init and str(weights).lower() not in ("pretrained", "default", "shared"):
+    if not is_random(weights) and str(weights).lower() not in ("pretrained", "default", "shared"):
         raise ModelError(
             f"{fam.name}: weights={weights!r} unknown; use 'pretrained', 'random' or checkpoint=<file>"
         )
-    if checkpoint is not None and random_init:
-        raise ModelError(f"{fam.name}: both checkpoint= and weights={weights!r} given; pass one of them")
+    # a checkpoint wins over weights=: the options that built a model also reload its fine-tunes
+    random_init = is_random(weights) and checkpoint is None
     names_opt = options.get("class_names")
     native: tuple[int, int] | None = None
     ckpt: Path | None = None
