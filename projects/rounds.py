@@ -339,6 +339,10 @@ class RoundRunner:
     def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         train_dir = plan.dir / "train"
         n_train = self._build_train_folder(plan, train_dir)
+        if n_train == 0:
+            raise MadsegError(f"{plan.kind} round {plan.number}: no image to fine-tune on (every candidate "
+                              "was rated out of domain or no mask was exported); check the rating project or "
+                              "enlarge the pool / n3, then re-run")
         out = self.services.finetune(plan, train_dir, plan.dir / "finetune", lwf=False)
         if plan.kind == "mad":
             self.services.publish(plan, out, n_train=n_train)
