@@ -113,10 +113,19 @@ class BackendState:
             return seg
 
 
-def create_app(config: BackendConfig | None = None, *, queue: FinetuneQueue | None = None) -> Flask:
-    """The backend's Flask app for ``config`` (default: from the environment)."""
+def create_app(
+    config: BackendConfig | None = None, *, queue: FinetuneQueue | None = None, preload: bool = False
+) -> Flask:
+    """The backend's Flask app for ``config`` (default: from the environment).
+
+    ``preload`` loads and warms up the served model now (the server does this at start, because
+    Label Studio gives ``/setup`` only a few seconds).
+    """
     config = config or BackendConfig.from_env()
     finetune_config(config.finetune_options)  # bad fine-tune settings fail at start, not in a job
+    if preload:
+        model = model_cache(config).current()
+        log.info("serving %s", model.version)
     state = BackendState(config, queue)
     app = Flask("madseg_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

@@ -52,7 +52,7 @@ def serve(config: BackendConfig, *, log_level: str = "info") -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app(config)
+            return create_app(config, preload=True)
 
     _Server().run()
 

@@ -174,6 +174,7 @@ class BackendConfig:
             "model_dir": str(self.model_dir),
             "queue_name": self.queue_name,
             "start_delay_s": self.start_delay_s,
+            "document_root": str(self.document_root) if self.document_root else None,
             "replay": (
                 {"root": str(self.replay_dir), "subset": self.replay_subset} if self.replay_dir else None
             ),

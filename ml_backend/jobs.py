@@ -239,20 +239,21 @@ def read_job_status(model_dir: str | os.PathLike[str], job_id: str) -> dict[str,
         return None
 
 
-def export_training_data(project_ids: list[int], out_dir: Path, class_names: list[str]) -> int:
+def export_training_data(
+    project_ids: list[int], out_dir: Path, class_names: list[str], document_root: str | None = None
+) -> int:
     """Export every finished mask of ``project_ids`` into the labelled folder ``out_dir``.
 
-    Uses ``projects.admin`` with the connection from ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``;
-    returns the number of (image, mask) pairs written.
+    Uses ``projects.admin.export_masks`` with the connection from ``LABEL_STUDIO_URL`` /
+    ``LABEL_STUDIO_API_KEY`` (task images are read under ``document_root``, default
+    ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``); returns the number of (image, mask) pairs written.
     """
-    from projects.admin import export_masks
+    from projects import admin, client
 
-    from projects.client import connect
-
-    client = connect()
+    ls = client.connect()
     total = 0
     for pid in project_ids:
-        total += export_masks(client, pid, out_dir, classes=class_names)
+        total += len(admin.export_masks(ls, pid, out_dir, classes=class_names, document_root=document_root))
     return total
 
 
@@ -314,7 +315,8 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
         data_dir = work / "data"
         if data_dir.exists():
             shutil.rmtree(data_dir)
-        n_train = export_training_data(projects, data_dir, list(model.class_names))
+        n_train = export_training_data(projects, data_dir, list(model.class_names),
+                                       settings.get("document_root"))
         if n_train == 0:
             log.info("fine-tune job %s: no finished masks in project(s) %s; nothing to do", job_id, projects)
             _write_status(model_dir, job_id, state="skipped", project=project_id, projects=projects,

@@ -123,6 +123,9 @@ class ModelCache:
         self.max_models = max_models
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._loading: set[str] = set()
+        self._failed: set[str] = set()
         self.predict_lock = threading.Lock()  # one forward pass at a time per process
         self._stamp: tuple[int, int, int] | None = None
         self._record: ServingRecord | None = None
@@ -144,8 +147,14 @@ class ModelCache:
         rec = self.record()
         return rec.spec() if rec is not None else dict(self.config.target)
 
-    def current(self) -> Any:
-        """The model to serve now (a ``ml_backend.zoo`` SegmentationModel), loading it if needed."""
+    def current(self, wait: bool = True) -> Any:
+        """The model to serve now (a ``ml_backend.zoo`` SegmentationModel).
+
+        A model not loaded yet is loaded (and warmed up) here when ``wait``; otherwise, if some model
+        is already loaded, it keeps serving while the new one loads in the background (for the
+        calls Label Studio makes with a short timeout: ``/setup``, ``/health``). A version that
+        cannot be loaded is logged once and the previous model keeps serving.
+        """
         spec = self.spec()
         key = json.dumps(spec, sort_keys=True, default=str)
         with self._lock:
@@ -153,24 +162,58 @@ class ModelCache:
             if model is not None:
                 self._models.move_to_end(key)
                 return model
-            from ml_backend.zoo import load_model_spec
+            fallback = next(reversed(self._models.values())) if self._models else None
+            failed = key in self._failed
+        if fallback is not None and failed:
+            return fallback
+        if fallback is not None and not wait:
+            self._load_in_background(key, spec, fallback)
+            return fallback
+        return self._load(key, spec, fallback)
 
+    def _load(self, key: str, spec: dict[str, Any], fallback: Any) -> Any:
+        from ml_backend.zoo import load_model_spec
+
+        with self._load_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
             t0 = time.perf_counter()
             try:
                 model = load_model_spec(spec, device=self.config.device)
-            except MadsegError:
-                if not self._models or spec == self.config.target:
+                _warm_up(model)
+            except MadsegError as exc:
+                if fallback is None or spec == self.config.target:
                     raise
-                prev_key, prev = next(reversed(self._models.items()))
-                log.exception("cannot load model %s; still serving %s", spec, prev.version)
-                return prev
+                with self._lock:
+                    self._failed.add(key)
+                log.error("cannot load model %s (%s); still serving %s", spec.get("checkpoint"), exc,
+                          fallback.version)
+                return fallback
             self.loads += 1
-            _warm_up(model)
             log.info("loaded model %s in %.1f s", model.version, time.perf_counter() - t0)
-            self._models[key] = model
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
+            with self._lock:
+                self._models[key] = model
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
             return model
+
+    def _load_in_background(self, key: str, spec: dict[str, Any], fallback: Any) -> None:
+        with self._lock:
+            if key in self._loading:
+                return
+            self._loading.add(key)
+
+        def run() -> None:
+            try:
+                self._load(key, spec, fallback)
+            except Exception:
+                log.exception("background load of %s failed", spec.get("checkpoint"))
+            finally:
+                with self._lock:
+                    self._loading.discard(key)
+
+        threading.Thread(target=run, name="madseg-model-load", daemon=True).start()
 
 
 def _warm_up(model: Any) -> None:
@@ -230,11 +273,11 @@ class MadsegSegmenter(LabelStudioMLBase):
 
     @property
     def model_version(self) -> str:
-        return self.cache.current().version
+        return self.cache.current(wait=False).version
 
     def check_classes(self) -> dict[int, str]:
         """The classes this project can receive; :class:`LabelConfigError` when there are none."""
-        model = self.cache.current()
+        model = self.cache.current(wait=False)
         drawn = drawn_classes(tuple(model.class_names), self.target.labels)
         if not drawn:
             raise LabelConfigError(

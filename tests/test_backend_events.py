@@ -247,3 +247,12 @@ def test_config_from_env(tmp_path) -> None:
 def test_bad_config_is_one_clear_error(env: dict, match: str) -> None:
     with pytest.raises(MadsegError, match=match):
         BackendConfig.from_env(env)
+
+
+def test_a_burst_within_the_start_delay_becomes_one_job() -> None:
+    runs: list[str] = []
+    q = InProcessFinetuneQueue({"start_delay_s": 0.5}, runner=lambda j, p, s: runs.append(j))
+    subs = [q.submit(8) for _ in range(4)]
+    assert len({s.job_id for s in subs}) == 1 and [s.coalesced for s in subs] == [False, True, True, True]
+    assert q.wait_idle(10)
+    assert runs == [subs[0].job_id]

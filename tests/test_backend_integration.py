@@ -1,0 +1,279 @@
+"""The ML backend for real: gunicorn (``python -m ml_backend``), the real Label Studio server
+(session fixture ``ls_server``), the real Redis, the cheapest real model (ESPNetv2 s=0.5 @256).
+
+- Label Studio connects the backend (``/health`` + ``/setup``, basic auth) and auto-creates its
+  ``/webhook``; annotations submitted to the segmentation project then queue exactly ONE fine-tune
+  job (rq on the real Redis with a unique queue; and the in-process mode), the job exports the
+  masks, fine-tunes 1 epoch and the backend serves the new version in ``/predict`` without restart.
+- ``/predict`` returns brush results that decode exactly to the model's prediction.
+- Broken webhook payloads answer 4xx; a missing basic auth 401.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from ml_backend.classes import VOC_CLASSES
+from ml_backend.imageio import read_mask, read_rgb
+from ml_backend.shared import shared_dir
+from projects import admin, configs
+from projects.client import connect
+from projects.ls_local import free_port
+from projects.rle import decode
+
+pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AUTH = ("madseg-backend", "backend-pass-42")
+N_IMAGES = 3
+#: the cheapest real fine-tune: 1 epoch (2 steps of 2 images), one learning rate, small crops
+FINETUNE = {"epochs": 1, "lr": 1e-4, "num_workers": 0, "crop_size": [128, 128]}
+
+
+def _checkpoint() -> Path:
+    return shared_dir() / "models" / "espnetv2" / "espnetv2_s_0.5_pascal_256x256.pth"
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[tuple[str, Path, Path]]:
+    """(image id, image path, mask path) of a few real VOC images."""
+    root = shared_dir() / "data" / "voc_samples"
+    imgs = sorted((root / "images").iterdir())[:N_IMAGES]
+    return [(p.stem, p, root / "masks" / f"{p.stem}.png") for p in imgs]
+
+
+def _backend_env(ls_server: Any, model_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MADSEG_", "BASIC_AUTH", "REDIS_URL"))}
+    env.update(ls_server.env())
+    env.update({
+        "MADSEG_MODEL": "espnetv2",
+        "MADSEG_CHECKPOINT": str(_checkpoint()),
+        "MADSEG_MODEL_DIR": str(model_dir),
+        "MADSEG_FINETUNE_OPTIONS": json.dumps(FINETUNE),
+        "MADSEG_BACKEND_HOST": "127.0.0.1",
+        "MADSEG_BACKEND_PORT": str(port),
+        "MADSEG_BACKEND_THREADS": "4",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls_server.document_root),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class Backend:
+    """A ``python -m ml_backend`` (gunicorn) process on 127.0.0.1."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, auth: tuple[str, str] | None) -> None:
+        self.env, self.auth = env, auth
+        self.url = f"http://127.0.0.1:{env['MADSEG_BACKEND_PORT']}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "ml_backend"], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"backend exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/health", auth=auth, timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:  # not listening yet, or still loading the model
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"backend did not answer /health:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def post(self, path: str, body: Any, **kw: Any) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, auth=self.auth, timeout=120, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture()
+def start_backend(ls_server: Any, tmp_path: Path) -> Iterator[Any]:
+    started: list[Backend] = []
+
+    def start(auth: tuple[str, str] | None = None, **extra: str) -> Backend:
+        model_dir = tmp_path / f"models{len(started)}"
+        env = _backend_env(ls_server, model_dir, free_port(), **extra)
+        if auth:
+            env.update({"BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]})
+        b = Backend(env, tmp_path / f"backend{len(started)}.log", auth)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+def _segmentation_project(
+    ls_server: Any, samples: list[tuple[str, Path, Path]], title: str
+) -> tuple[Any, int]:
+    client = connect(ls_server.url, ls_server.api_key)
+    project = client.projects.create(title=title, label_config=configs.segmentation_config(VOC_CLASSES))
+    root = Path(ls_server.document_root)
+    tasks = [{"data": {configs.IMAGE_KEY: admin.local_files_url(img, root), "image_id": iid},
+              "meta": {"image_id": iid, "path": str(img)}} for iid, img, _ in samples]
+    client.projects.import_tasks(id=project.id, request=tasks)
+    return client, int(project.id)
+
+
+def _tasks(client: Any, pid: int) -> list[dict[str, Any]]:
+    return sorted(admin.iter_tasks(client, pid), key=lambda t: t["id"])
+
+
+def _annotate_all(client: Any, pid: int, samples: list[tuple[str, Path, Path]]) -> None:
+    """Submit the ground-truth mask of every task as an annotation (each fires the webhook)."""
+    ctl = configs.validate_segmentation_config(configs.segmentation_config(VOC_CLASSES))
+    masks = {iid: mask for iid, _, mask in samples}
+    for task in _tasks(client, pid):
+        gt = read_mask(masks[task["data"]["image_id"]], len(VOC_CLASSES))
+        result = admin.brush_results(gt, VOC_CLASSES, ctl)
+        client.annotations.create(id=task["id"], result=result, was_cancelled=False)
+
+
+def _label_map_from_results(results: list[dict[str, Any]], h: int, w: int) -> np.ndarray:
+    out = np.full((h, w), 255, np.uint8)
+    for r in results:
+        assert (r["from_name"], r["to_name"], r["type"]) == ("label", "image", "brushlabels")
+        assert (r["original_width"], r["original_height"]) == (w, h)
+        alpha = decode(r["value"]["rle"], h, w) > 0
+        assert not (alpha & (out != 255)).any(), "two brush results paint the same pixel"
+        out[alpha] = VOC_CLASSES.index(r["value"]["brushlabels"][0])
+    return out
+
+
+def _predict(backend: Backend, client: Any, pid: int) -> dict[str, Any]:
+    tasks = _tasks(client, pid)
+    r = backend.post("/predict", {"tasks": tasks, "project": f"{pid}.0",
+                                  "label_config": configs.segmentation_config(VOC_CLASSES)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == len(tasks)
+    return body
+
+
+def test_rq_mode_webhook_queues_one_job_and_backend_serves_the_new_version(
+    ls_server: Any, start_backend: Any, samples: list[tuple[str, Path, Path]], tmp_path: Path
+) -> None:
+    from redis import Redis
+    from rq import Queue
+    from rq.registry import FinishedJobRegistry
+
+    from ml_backend.zoo import load_model
+
+    queue_name = f"madseg-test-{uuid.uuid4().hex[:10]}"
+    backend = start_backend(AUTH, REDIS_URL=REDIS_URL, MADSEG_QUEUE=queue_name, MADSEG_JOB_DELAY="0")
+    conn = Redis.from_url(REDIS_URL)
+    rq_queue = Queue(queue_name, connection=conn)
+    try:
+        client, pid = _segmentation_project(ls_server, samples, f"backend rq {queue_name}")
+        # Label Studio checks /health and /setup (with basic auth) and creates the /webhook
+        admin.connect_ml_backend(client, pid, backend.url, basic_auth=AUTH)
+        hooks = [h for h in client.webhooks.list(project=str(pid)) if h.url == backend.url + "/webhook"]
+        assert len(hooks) == 1 and hooks[0].headers.get("Authorization", "").startswith("Basic ")
+
+        # bad requests: 4xx, not 500
+        assert requests.post(f"{backend.url}/webhook", json={"action": "START_TRAINING"}).status_code == 401
+        assert backend.post("/webhook", None, data=b"{not json").status_code == 400
+        assert backend.post("/webhook", ["ANNOTATION_CREATED"]).status_code == 400
+        assert backend.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {}}).status_code == 400
+        assert backend.post("/predict", {"tasks": "nope"}).status_code == 400
+        ignored = backend.post("/webhook", {"action": "PROJECT_UPDATED", "project": {"id": pid}})
+        assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
+
+        # /predict: the base version; its brush results decode to the model's prediction exactly
+        model = load_model("espnetv2", str(_checkpoint()))
+        before = _predict(backend, client, pid)
+        assert before["model_version"] == model.version
+        for iid, img_path, _ in samples:
+            task_index = [t["data"]["image_id"] for t in _tasks(client, pid)].index(iid)
+            pred = before["results"][task_index]
+            assert pred["model_version"] == model.version and 0 < pred["score"] <= 1
+            image = read_rgb(img_path)
+            expected = model.predict([image])[0]
+            got = _label_map_from_results(pred["result"], *image.shape[:2])
+            np.testing.assert_array_equal(got, expected)
+
+        # annotations through the real webhook: exactly one queued job
+        assert rq_queue.count == 0
+        _annotate_all(client, pid, samples)
+        assert rq_queue.count == 1, backend.log()
+        job = rq_queue.jobs[0]
+        assert job.meta.get("project") == pid
+
+        # the worker runs it: export, 1-epoch fine-tune, new version, pointer moved
+        env = dict(backend.env)
+        worker = subprocess.run([sys.executable, "-m", "projects.cli", "worker", "--burst"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        assert FinishedJobRegistry(queue_name, connection=conn).get_job_ids() == [job.id]
+        pointer = json.loads((Path(env["MADSEG_MODEL_DIR"]) / "current.json").read_text())
+        assert pointer["job_id"] == job.id and pointer["n_train"] == N_IMAGES
+        assert pointer["version"] != model.version
+
+        # the running backend serves the new version (no restart) ...
+        after = _predict(backend, client, pid)
+        assert after["model_version"] == pointer["version"]
+        assert {p["model_version"] for p in after["results"]} == {pointer["version"]}
+        versions = requests.get(f"{backend.url}/versions", auth=AUTH, timeout=10).json()
+        assert versions["current"] == pointer["version"] and pointer["version"] in versions["versions"]
+        # ... and so does Label Studio when it asks for predictions
+        client.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True})
+        preds = client.predictions.list(task=_tasks(client, pid)[0]["id"])
+        assert pointer["version"] in {p.model_version for p in preds}
+    finally:
+        rq_queue.empty()
+        for key in conn.scan_iter(match=f"*{queue_name}*"):
+            conn.delete(key)
+
+
+def test_in_process_mode_burst_of_annotations_is_one_fine_tune(
+    ls_server: Any, start_backend: Any, samples: list[tuple[str, Path, Path]]
+) -> None:
+    backend = start_backend(None, MADSEG_JOB_DELAY="3")
+    client, pid = _segmentation_project(ls_server, samples, f"backend in-process {uuid.uuid4().hex[:8]}")
+    admin.connect_ml_backend(client, pid, backend.url)
+    base = _predict(backend, client, pid)["model_version"]
+
+    _annotate_all(client, pid, samples)
+    state = requests.get(f"{backend.url}/is_training", timeout=10).json()
+    assert state["mode"] == "in-process"
+    assert len(state["pending"]) + len(state["running"]) == 1 and not state["finished"]
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        state = requests.get(f"{backend.url}/is_training", timeout=10).json()
+        if state["finished"] and not state["pending"] and not state["running"]:
+            break
+        time.sleep(0.5)
+    assert [f["state"] for f in state["finished"]] == ["finished"], backend.log()
+
+    after = _predict(backend, client, pid)
+    assert after["model_version"] != base
+    pointer = json.loads((Path(backend.env["MADSEG_MODEL_DIR"]) / "current.json").read_text())
+    assert after["model_version"] == pointer["version"] and pointer["projects"] == [pid]
