@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,14 +432,23 @@ def push_tasks(
             result.task_ids[iid] = there[iid]
         else:
             todo.append((iid, make))
-    with tqdm(total=len(todo), desc=desc, unit="task", disable=not progress or not todo) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            batch = [(iid, make()) for iid, make in chunk]
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+
+    def build(chunk: list[tuple[str, Callable[[], dict[str, Any]]]]) -> list[tuple[str, dict[str, Any]]]:
+        return [(iid, make()) for iid, make in chunk]
+
+    # Build batch k+1 (overlays, RLE) in a worker thread while batch k is being imported.
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=len(todo), desc=desc, unit="task", disable=not progress or not todo) as bar:
+        ahead = pool.submit(build, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            assert ahead is not None
+            batch = ahead.result()
+            ahead = pool.submit(build, chunks[k + 1]) if k + 1 < len(chunks) else None
             got = _import_batch(client, project_id, batch)
             result.task_ids.update(got)
             result.created += len(got)
-            bar.update(len(chunk))
+            bar.update(len(batch))
     return result
 
 

@@ -52,7 +52,7 @@ for _n in range(1, 66):
     _CODE_BITS[_n] = 3 + _RLE_SIZES[_idx] + _WORD_SIZE
     _CODE_HEAD[_n] = (1 << int(_CODE_BITS[_n] - 1)) | (_idx << int(_CODE_BITS[_n] - 3))
 _CODE_KEEP = np.arange(32)[None, :] >= (32 - _CODE_BITS)[:, None]  # (66, 32) bits of a code
-_BIT_SHIFTS = np.arange(8, dtype=np.uint64)
+_PREFIX_SHIFTS = np.arange(7, -1, -1, dtype=np.int32)  # bit offset s in a byte -> shift 7 - s
 
 
 class RLEError(MadsegError):
@@ -93,18 +93,18 @@ def encode(mask: np.ndarray) -> list[int]:
     bounds[0] = -1
     bounds[1:nruns] = last
     bounds[nruns] = npix - 1
-    run_px = np.diff(bounds)  # (R,) pixel run lengths; runs alternate outside/inside
+    run_px = bounds[1:] - bounds[:-1]  # (R,) pixel run lengths; runs alternate outside/inside
     kind = np.minimum(run_px, 65)
     first_inside = 0 if flat[0] else 1
-    long_runs = np.flatnonzero(run_px > _CHUNK_PX)
-    if long_runs.size:
+    long_runs = np.flatnonzero(run_px > _CHUNK_PX) if run_px.max() > _CHUNK_PX else None
+    if long_runs is not None:
         # A run over 65536 values becomes full 65536-value chunks and a remainder, as in the SDK.
         full = (run_px[long_runs] - 1) // _CHUNK_PX
         run_px = run_px.copy()
         run_px[long_runs] -= full * _CHUNK_PX
     codes = np.take(_CODE_HEAD, kind) + ((run_px << (2 + _WORD_SIZE)) - (1 << _WORD_SIZE))
     codes[first_inside::2] += 255
-    if long_runs.size:
+    if long_runs is not None:
         # Repeat each long run's (remainder) code; its copies before the last get the full length.
         reps = np.ones(nruns, dtype=np.int64)
         reps[long_runs] += full
@@ -176,8 +176,7 @@ def decode(
     nbits = nbytes * 8
     if nbits < HEADER_BITS:
         raise _fail(where, f"{nbytes} bytes is shorter than the {HEADER_BITS}-bit header")
-    padded = np.zeros(nbytes + 8, dtype=np.uint8)
-    padded[:nbytes] = data
+    padded = data.tobytes() + bytes(8)
     # Big-endian 64-bit word starting at every byte; (word << s) starts at bit 8 * byte + s.
     word = np.ndarray((nbytes,), dtype=">u8", buffer=padded, strides=(1,)).astype(np.uint64)
     num = int(word[0]) >> 32
@@ -194,18 +193,19 @@ def decode(
     step_of, run_of, field_of = _code_tables(word_size, sizes)
 
     # The code that would start at each bit position, its length, and the chain from the first.
-    prefix = ((word[:, None] << _BIT_SHIFTS) >> np.uint64(45)).reshape(-1)[HEADER_BITS:]
+    top = (word >> np.uint64(38)).astype(np.int32)  # bits 0..25 of each byte's window
+    prefix = ((top[:, None] >> _PREFIX_SHIFTS) & 0x7FFFF).reshape(-1)[HEADER_BITS:]
     nxt = np.arange(HEADER_BITS, nbits, dtype=np.int64)
-    nxt += step_of[prefix]
+    nxt += np.take(step_of, prefix)
     hop = memoryview(nxt)
     chain: list[int] = []
     p = HEADER_BITS
     while p < nbits:
         chain.append(p)
         p = hop[p - HEADER_BITS]
-    starts = np.array(chain, dtype=np.int64)
-    code = prefix[starts - HEADER_BITS]
-    counts = run_of[code].astype(np.int64)
+    starts = np.fromiter(chain, dtype=np.int64, count=len(chain))
+    code = np.take(prefix, starts - HEADER_BITS)
+    counts = np.take(run_of, code).astype(np.int64)
     produced = np.cumsum(counts)
     ncodes = int(np.searchsorted(produced, num)) + 1  # codes needed to reach num values
     if ncodes > starts.size:
@@ -215,7 +215,7 @@ def decode(
     if int(starts[-1] + step_of[code[-1]]) > nbits:
         raise _fail(where, "the last run is cut off (truncated)")
     is_run = code >= (1 << 18)
-    value_at = starts + 3 + field_of[code]
+    value_at = starts + 3 + np.take(field_of, code)
     lengths = counts
     if not is_run.all():
         # Literal codes expand to `count` values of length 1; run codes stay one value each.
@@ -226,12 +226,9 @@ def decode(
         within = np.arange(owner.size) - np.repeat(np.cumsum(nelem) - nelem, nelem)
         value_at = value_at[owner] + np.where(is_run[owner], 0, within * word_size)
         lengths = np.where(is_run[owner], counts[owner], 1)
-    values = (word[value_at >> 3] << (value_at & 7).astype(np.uint64)) >> np.uint64(64 - word_size)
+    values = (np.take(word, value_at >> 3) << (value_at & 7).astype(np.uint64)) >> np.uint64(64 - word_size)
     if word_size > 8 and int(values.max()) > 255:
         raise _fail(where, f"value {int(values.max())} does not fit in a byte")
-    ends = np.minimum(np.cumsum(lengths), num)
-    begins = np.empty_like(ends)
-    begins[0] = 0
-    begins[1:] = ends[:-1]
+    ends = np.minimum(produced if lengths is counts else np.cumsum(lengths), num)
     # Alpha values sit at indices 4k + 3; [begin, end) holds end // 4 - begin // 4 of them.
-    return np.repeat(values.astype(np.uint8), (ends >> 2) - (begins >> 2)).reshape(height, width)
+    return np.repeat(values.astype(np.uint8), np.diff(ends >> 2, prepend=0)).reshape(height, width)

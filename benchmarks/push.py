@@ -1,0 +1,90 @@
+"""Benchmark: pushing tasks with brush pre-annotations into a real local Label Studio.
+
+Starts Label Studio 1.23 on 127.0.0.1 (SQLite in a temp dir, the cached migrated template), creates
+a segmentation project and pushes 2,000 tasks whose predictions are real masks from
+``../shared/data/coco_voc`` (one brush result per class, validated before sending) with
+``projects.admin.push_segmentation_tasks`` — bulk import, one request per batch. Prints tasks/s
+(target >= 100) and checks a re-push adds nothing.
+
+    python benchmarks/push.py [--tasks 2000] [--batch-size 250]
+
+The webhook answer latency under a running fine-tune is measured by ``benchmarks/webhook.py``
+(the ML backend's part).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script: import from the repository root, not from benchmarks/ (whose file names, e.g.
+# select.py, would shadow standard-library modules).
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ml_backend.classes import IGNORE_INDEX  # noqa: E402
+from ml_backend.imageio import read_mask  # noqa: E402
+from ml_backend.shared import shared_dir  # noqa: E402
+from projects import admin, configs  # noqa: E402
+from projects.client import connect  # noqa: E402
+from projects.ls_local import start_local_label_studio  # noqa: E402
+
+TARGET_TASKS_PER_S = 100.0
+
+
+def bench_push(n_tasks: int = 2000, batch_size: int = 250) -> dict[str, float]:
+    """Push ``n_tasks`` pre-annotated tasks into a fresh local Label Studio; timings and rates."""
+    data = shared_dir() / "data" / "coco_voc"
+    images = sorted((data / "images").glob("*.jpg"))
+    maps = {}
+    for img in images:
+        lm = read_mask(data / "masks" / f"{img.stem}.png", 21)
+        maps[img.stem] = np.where(lm == IGNORE_INDEX, 0, lm).astype(np.uint8)
+    cands = [{"id": f"bench-{k:05d}", "path": str(images[k % len(images)])} for k in range(n_tasks)]
+    by_id = {c["id"]: maps[Path(c["path"]).stem] for c in cands}
+    with tempfile.TemporaryDirectory(prefix="madseg-bench-ls-") as tmp:
+        t0 = time.perf_counter()
+        server = start_local_label_studio(Path(tmp) / "ls", document_root="/")
+        start_s = time.perf_counter() - t0
+        try:
+            client = connect(server.url, server.api_key)
+            pid = admin.ensure_project(client, "benchmark push", configs.segmentation_config())
+            t0 = time.perf_counter()
+            res = admin.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
+                                                model_version="bench@v1", document_root="/",
+                                                batch_size=batch_size, progress=False)
+            push_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            again = admin.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
+                                                  model_version="bench@v1", document_root="/",
+                                                  batch_size=batch_size, progress=False)
+            repush_s = time.perf_counter() - t0
+            regions = sum(len(np.unique(by_id[c["id"]])) for c in cands)
+        finally:
+            server.stop()
+    if res.created != n_tasks or again.created != 0:
+        raise SystemExit(f"push created {res.created} (want {n_tasks}), re-push {again.created} (want 0)")
+    return {"tasks": n_tasks, "regions": regions, "server_start_s": start_s, "push_s": push_s,
+            "tasks_per_s": n_tasks / push_s, "repush_s": repush_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=250)
+    args = ap.parse_args(argv)
+    r = bench_push(args.tasks, args.batch_size)
+    print(f"push: {r['tasks']} tasks ({r['regions']} brush regions) in {r['push_s']:.1f} s = "
+          f"{r['tasks_per_s']:.0f} tasks/s (target >= {TARGET_TASKS_PER_S:.0f}); "
+          f"re-push (idempotent, 0 new) {r['repush_s']:.1f} s; server start {r['server_start_s']:.1f} s")
+    return 0 if r["tasks_per_s"] >= TARGET_TASKS_PER_S else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
