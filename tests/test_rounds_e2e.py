@@ -125,6 +125,7 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 @pytest.mark.server
 @pytest.mark.redis
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_round_end_to_end_with_crashes(ls_server, tmp_path: Path) -> None:
     import redis
 
