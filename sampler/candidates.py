@@ -229,7 +229,12 @@ def entropy_candidates(
     store_dir: str | os.PathLike[str], n: int, target_version: str | None = None
 ) -> list[dict[str, Any]]:
     """Top-``n`` images by the target's mean per-pixel entropy (largest first)."""
-    _, ids, ent = target_pool(store_dir, target_version)
+    tv, ids, ent = target_pool(store_dir, target_version)
+    if np.isnan(ent).any():
+        raise MadsegError(
+            f"{int(np.isnan(ent).sum())} images have no entropy for {tv} (it was scored as a competitor); "
+            f"run `madseg score` with it as --target first"
+        )
     idx = entropy_select(ent, n)
     paths = _paths(store_dir, [str(ids[i]) for i in idx])
     return [{"id": str(ids[i]), "path": p, "rank": r + 1, "entropy": float(ent[i])}

@@ -57,9 +57,10 @@ from ml_backend.errors import ImageReadError, MadsegError, ModelError
 from . import distributed as D
 from .metrics import (
     area_fractions_torch,
-    batch_confusion_torch,
     distances_from_confusion_torch,
+    labels_from_probs_torch,
     mean_entropy_torch,
+    prediction_confusion_torch,
 )
 from .pool import check_sources, content_id, decode_image, iter_pool_entries, read_source, stat_source
 from .store import (
@@ -251,6 +252,8 @@ class _ScoreDataset(IterableDataset):
             return item
         done = store.done_models(image_id)
         tv = plan.target_version
+        if tv in done and not store.has_entropy(tv, image_id):
+            done.discard(tv)  # scored before as a competitor (no entropy): run it as the target
         need_models = [v for v, _ in plan.preprocessors if v not in done]
         need_dist = [j for j, cv in enumerate(plan.competitor_versions)
                      if not store.has_distance(tv, cv, image_id)]
@@ -275,7 +278,14 @@ class _ScoreDataset(IterableDataset):
             item["size"] = (int(rgb.shape[0]), int(rgb.shape[1]))
             item["mode"] = mode
             preps = dict(plan.preprocessors)
-            item["inputs"] = {v: preps[v](rgb) for v in need_models}
+            done_inputs: dict[Any, torch.Tensor] = {}  # models with equal preprocessors share the input
+            inputs = {}
+            for v in need_models:
+                key = _prep_key(preps[v])
+                if key not in done_inputs:
+                    done_inputs[key] = preps[v](rgb)
+                inputs[v] = done_inputs[key]
+            item["inputs"] = inputs
         stored = {}
         wanted = set()
         if need_dist:
@@ -288,6 +298,15 @@ class _ScoreDataset(IterableDataset):
             stored[v] = decode_label_png(data)
         item["stored"] = stored
         return item
+
+
+def _prep_key(prep: Any) -> Any:
+    """Preprocessors that compare equal (same size, mean, std) produce the same tensor."""
+    try:
+        hash(prep)
+    except TypeError:
+        return id(prep)
+    return (type(prep), prep)
 
 
 def _score_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -475,11 +494,16 @@ def _score_phase(ctx: D.DistContext, store: ScoreStore, models: list[Any], res: 
 
 def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str, Any], tv: str,
                  cvs: tuple[str, ...], res: tuple[int, int], num_classes: int, stats: ScoreStats) -> None:
-    """Run the missing models on one batch, compute areas/entropy/distances, commit it at once."""
+    """Run the missing models on one batch, compute areas/entropy/distances, commit it at once.
+
+    Label maps are the arg-max of the probabilities resized (bilinear) to the working resolution;
+    the entropy is computed for the target only; areas come from the confusion matrices of the
+    distances (row sums: target, column sums: competitor) when there are any, else a bincount.
+    """
     items = batch["items"]
     labels: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    area_rows: list[tuple] = []
-    map_rows: list[tuple] = []
+    ran: dict[str, tuple[list[int], torch.Tensor, list[float | None]]] = {}
+    npix = res[0] * res[1]
     with torch.inference_mode():
         for v, (positions, x) in batch["batches"].items():
             probs = by_version[v].forward(x)
@@ -487,35 +511,56 @@ def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str,
                 raise ModelError(f"model {v} returned {probs.shape[1]} classes, the store has {num_classes}")
             if tuple(probs.shape[2:]) != tuple(res):
                 probs = F.interpolate(probs.float(), size=res, mode="bilinear", align_corners=False)
-            lab = probs.argmax(1).to(torch.uint8)
-            ent = mean_entropy_torch(probs).tolist()
-            areas = area_fractions_torch(lab, num_classes).numpy()
-            lab_np = lab.numpy()
+            lab = labels_from_probs_torch(probs)
+            ent: list[float | None] = [None] * len(positions)
+            if v == tv:
+                ent = mean_entropy_torch(probs).tolist()
+            del probs
             for i, pos in enumerate(positions):
-                iid = items[pos]["id"]
                 labels[pos][v] = lab[i]
-                area_rows.append((v, iid, areas[i].astype(np.float32).tobytes(), float(ent[i])))
-                map_rows.append((iid, v, encode_label_png(lab_np[i])))
+            ran[v] = (positions, lab, ent)
             stats.inferred[v] = stats.inferred.get(v, 0) + len(positions)
         for pos, it in enumerate(items):
             for v, arr in it.get("stored", {}).items():
                 labels[pos][v] = torch.from_numpy(arr)
         dist_rows: list[tuple] = []
+        areas_of: dict[tuple[str, int], np.ndarray] = {}  # (version, position) -> (C,) float32
         for j, cv in enumerate(cvs):
             positions = [p for p, it in enumerate(items) if it["kind"] == "image" and j in it["need_dist"]]
             if not positions:
                 continue
             a = torch.stack([labels[p][tv] for p in positions])
             b = torch.stack([labels[p][cv] for p in positions])
-            d = distances_from_confusion_torch(batch_confusion_torch(a, b, num_classes))
+            cm = prediction_confusion_torch(a, b, num_classes)
+            d = distances_from_confusion_torch(cm)
             miou, pa = d["miou"].tolist(), d["pixel_accuracy"].tolist()
             dist_rows.extend((tv, cv, items[p]["id"], miou[i], pa[i]) for i, p in enumerate(positions))
+            rows_t = (cm.sum(2).double() / npix).float().numpy()
+            cols_c = (cm.sum(1).double() / npix).float().numpy()
+            for i, p in enumerate(positions):
+                areas_of.setdefault((tv, p), rows_t[i])
+                areas_of.setdefault((cv, p), cols_c[i])
+        area_rows: list[tuple] = []
+        map_rows: list[tuple] = []
+        for v, (positions, lab, ent) in ran.items():
+            missing = [i for i, p in enumerate(positions) if (v, p) not in areas_of]
+            if missing:
+                extra = area_fractions_torch(lab[missing], num_classes).numpy()
+                for k, i in enumerate(missing):
+                    areas_of[(v, positions[i])] = extra[k]
+            lab_np = lab.numpy()
+            for i, p in enumerate(positions):
+                iid = items[p]["id"]
+                area_rows.append((v, iid, areas_of[(v, p)].astype(np.float32).tobytes(), ent[i]))
+                map_rows.append((iid, v, encode_label_png(lab_np[i])))
     image_rows = [(it["id"], it["size"][0], it["size"][1], it["mode"]) for it in items if "size" in it]
     bad_rows = [(it["id"], it["error"]) for it in items if it["kind"] == "bad"]
     with store.transaction() as conn:
         conn.executemany("INSERT OR IGNORE INTO images VALUES(?,?,?,?)", image_rows)
         conn.executemany("INSERT OR IGNORE INTO bad VALUES(?,?)", bad_rows)
-        conn.executemany("INSERT OR IGNORE INTO areas VALUES(?,?,?,?)", area_rows)
+        conn.executemany(
+            "INSERT INTO areas VALUES(?,?,?,?) ON CONFLICT(model_version, image_id) DO UPDATE "
+            "SET entropy=excluded.entropy WHERE areas.entropy IS NULL", area_rows)
         conn.executemany("INSERT OR IGNORE INTO maps VALUES(?,?,?)", map_rows)
         conn.executemany("INSERT OR IGNORE INTO distances VALUES(?,?,?,?,?)", dist_rows)
     stats.distances += len(dist_rows)

@@ -30,8 +30,9 @@ Tables (per shard):
 - ``models(version PK, name, spec, num_classes, class_names, input_h, input_w)``.
 - ``areas(model_version, image_id, areas BLOB = C float32, entropy)``: per model version and
   image, the fraction of pixels predicted as each class and the mean per-pixel softmax entropy
-  (nats), both at the working resolution; ``maps(image_id, model_version, png)``: the predicted
-  label map at the working resolution as a palette PNG.
+  (nats; stored when the model ran as the target, else NULL), both at the working resolution;
+  ``maps(image_id, model_version, png)``: the predicted label map at the working resolution as a
+  palette PNG.
 - ``distances(target_version, competitor_version, image_id, miou, pixel_accuracy)``: the
   distance between the two label maps (both metrics, so ``madseg select --metric`` is free).
 - ``runs(run_id PK, started, target_version, competitor_versions, sources, resolution)``.
@@ -325,6 +326,16 @@ class ScoreStore:
             out.update(r[0] for r in rows)
         return out
 
+    def has_entropy(self, model_version: str, image_id: str) -> bool:
+        """Whether the model's mean entropy is stored for the image (it is for target runs)."""
+        for conn in self.readers():
+            row = conn.execute(
+                "SELECT entropy FROM areas WHERE model_version=? AND image_id=?", (model_version, image_id)
+            ).fetchone()
+            if row and row[0] is not None:
+                return True
+        return False
+
     def has_distance(self, target_version: str, competitor_version: str, image_id: str) -> bool:
         for conn in self.readers():
             if conn.execute(
@@ -457,7 +468,8 @@ class ScoreStore:
 
     # ---------------------------------------------------------------- bulk reads for selection
     def read_areas(self, model_version: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids (N,) str, areas (N, C) float32, entropy (N,) float64)`` of one model, by id."""
+        """``(ids (N,) str, areas (N, C) float32, entropy (N,) float64)`` of one model, by id
+        (entropy NaN where the model never ran as the target)."""
         ids_l, blobs_l, ent_l = [], [], []
         for conn in self.readers():
             rows = conn.execute(

@@ -8,9 +8,12 @@ import torch
 
 from sampler.metrics import (
     area_fractions_torch,
+    batch_confusion_torch,
+    labels_from_probs_torch,
     map_distance,
     map_distances_torch,
     mean_entropy_torch,
+    prediction_confusion_torch,
 )
 
 
@@ -110,3 +113,12 @@ def test_area_fractions_and_entropy():
     ent = mean_entropy_torch(torch.cat([uniform, onehot]))
     assert ent[0].item() == pytest.approx(np.log(4), rel=1e-6)
     assert ent[1].item() == 0.0
+
+
+def test_fast_prediction_paths_match_the_general_ones():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 21, 17, 19, generator=g), 1)
+    lab = labels_from_probs_torch(probs)
+    assert lab.dtype == torch.uint8 and torch.equal(lab.long(), probs.argmax(1))
+    other = torch.roll(lab, 2, dims=2)
+    assert torch.equal(prediction_confusion_torch(lab, other, 21), batch_confusion_torch(lab, other, 21))

@@ -65,6 +65,9 @@ def test_first_run_scores_every_image_with_every_model(scored, models):
     assert ids.shape == (8,) and areas.shape == (8, 21)
     assert np.allclose(areas.sum(1), 1.0, atol=1e-5)
     assert (ent > 0).all() and (ent < np.log(21)).all()
+    _, c_areas, c_ent = S.read_areas(store, comp.version)
+    assert np.allclose(c_areas.sum(1), 1.0, atol=1e-5)
+    assert np.isnan(c_ent).all()  # the entropy is kept for the target role only
 
 
 def test_stored_maps_areas_and_distances_match_direct_computation(scored, models):
@@ -209,3 +212,18 @@ def test_bad_images_duplicates_and_urls_are_reported_not_fatal(models, tmp_path)
     # bad files are not retried while unchanged; nothing crashes on a re-run
     again = score_pool([tmp_path / "pool"], target, [comp], store, batch_size=4, workers=0, progress=False)
     assert again.inferred == {} and again.bad == len(BAD)
+
+
+def test_swapping_roles_reuses_maps_and_adds_only_the_missing_entropy(scored, models, pool_list):
+    store, _ = scored
+    target, comp = models
+    stats = score_pool([pool_list], comp, [target], store, batch_size=4, workers=2, progress=False)
+    assert stats.inferred == {comp.version: 8}  # re-run once as the target, for its entropy
+    assert stats.distances == 8
+    _, _, ent = S.read_areas(store, comp.version)
+    assert (ent > 0).all()
+    d_new = S.read_distances(store, comp.version, target.version, "miou")[1]
+    d_old = S.read_distances(store, target.version, comp.version, "miou")[1]
+    np.testing.assert_allclose(d_new, d_old, atol=1e-12)  # the distance is symmetric
+    again = score_pool([pool_list], comp, [target], store, batch_size=4, workers=0, progress=False)
+    assert again.inferred == {}

@@ -1,0 +1,195 @@
+"""Benchmark of the sampler's scoring pipeline, measured in one run on this machine.
+
+Prints four figures:
+
+1. scoring throughput through ``score_pool`` (what ``madseg score`` runs: read + hash + decode +
+   resize in DataLoader workers, inference, areas, entropy, distances, PNG maps, SQLite) divided
+   by the bare forward-pass throughput of the same models on pre-decoded, pre-resized tensors of
+   the same size and batch (target >= 0.90). Runs alternate (bare, pipeline, ...) and the best of
+   each is used, since the machine is shared;
+2. re-scoring the pool for a new target version (a perturbed copy of the target's checkpoint)
+   divided by the first scoring with target + m competitors (target <= 1/(m+1) + 0.05; with
+   models of unequal cost the expected value is the target's share of the forward time, printed
+   too);
+3. peak RSS of ``madseg score`` on the pool list repeated 5 times divided by the list once, each in
+   its own subprocess on a fresh store (target <= 1.10): the main process and the largest worker;
+4. ``mad_select`` on N = 1e6 synthetic images, m = 5, C = 21: seconds.
+
+    .venv/bin/python benchmarks/scoring.py [--images 32] [--batch-size 8] [--workers 2]
+        [--target SPEC] [--competitor SPEC ...] [--repeats 2]
+"""
+
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# keep benchmarks/ off sys.path: benchmarks/select.py would shadow the stdlib `select` module
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+DEFAULT_TARGET = "espnetv2,scale=2.0,input_size=384"
+DEFAULT_COMPETITORS = ["dicenet,scale=1.75,input_size=384", "tflite"]
+
+
+def _pool_list(folder: Path, n: int, repeat: int = 1) -> Path:
+    from ml_backend.shared import shared_dir
+
+    imgs = sorted((shared_dir() / "data" / "coco_voc" / "images").glob("*.jpg"))[:n]
+    lst = folder / f"pool_x{repeat}.txt"
+    lst.write_text("\n".join(str(p) for p in imgs * repeat) + "\n")
+    return lst
+
+
+def bare_forward_seconds(models: list, images: list, batch_size: int) -> float:
+    """Seconds to run every model over pre-decoded, preprocessed batches (inputs built beforehand)."""
+    import torch
+
+    total = 0.0
+    for m in models:
+        prep = m.preprocessor()
+        batches = [torch.stack([prep(im) for im in images[i:i + batch_size]])
+                   for i in range(0, len(images), batch_size)]
+        t0 = time.perf_counter()
+        for b in batches:
+            m.forward(b)
+        total += time.perf_counter() - t0
+    return total
+
+
+def _perturbed_checkpoint(model, folder: Path) -> str:
+    import torch
+
+    sd = torch.load(model.checkpoint, map_location="cpu")
+    key = [k for k, v in sd.items() if v.dtype.is_floating_point][-1]
+    sd[key] = sd[key] + 0.01
+    path = folder / f"finetuned_{len(list(folder.glob('finetuned_*')))}.pth"
+    torch.save(sd, path)
+    return str(path)
+
+
+def _rss_child(args: argparse.Namespace) -> None:
+    """Subprocess entry: score ``args.rss_child`` into a fresh store, print peak RSS (KiB) as JSON."""
+    import resource
+
+    from sampler.score import score_pool
+
+    stats = score_pool([args.rss_child], args.target, args.competitor, args.rss_store,
+                       batch_size=args.batch_size, workers=args.workers, progress=False)
+    print(json.dumps({
+        "main_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        "entries": stats.entries, "images": stats.images,
+    }))
+
+
+def _rss_run(args: argparse.Namespace, lst: Path, store: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(lst), "--rss-store", str(store),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--target", args.target]
+    for c in args.competitor:
+        cmd += ["--competitor", c]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"RSS subprocess failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _time_mad_select() -> float:
+    spec = importlib.util.spec_from_file_location("madseg_bench_select", _HERE / "select.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.time_mad_select(repeats=3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--target", default=DEFAULT_TARGET)
+    ap.add_argument("--competitor", action="append", default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-store", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.competitor = args.competitor or list(DEFAULT_COMPETITORS)
+    if args.rss_child:
+        _rss_child(args)
+        return
+
+    import torch
+
+    from ml_backend.imageio import read_rgb
+    from ml_backend.zoo import load_model_spec
+    from sampler.score import parse_model_arg, score_pool
+
+    m = len(args.competitor)
+    tmp = Path(tempfile.mkdtemp(prefix="madseg-bench-scoring-"))
+    try:
+        lst = _pool_list(tmp, args.images)
+        paths = lst.read_text().split()
+        target = load_model_spec(parse_model_arg(args.target), "cpu")
+        comps = [load_model_spec(parse_model_arg(c), "cpu") for c in args.competitor]
+        models = [target, *comps]
+        print(f"pool: {len(paths)} COCO images; batch {args.batch_size}; {args.workers} workers; "
+              f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs")
+        print("models: " + ", ".join(f"{x.version} @{x.input_size[0]}x{x.input_size[1]}" for x in models))
+        images = [read_rgb(p) for p in paths]
+        bare_model_s = {x.version: bare_forward_seconds([x], images[:args.batch_size], args.batch_size)
+                        for x in models}  # warm-up and per-model cost
+
+        bare, pipe, first, rescore = [], [], [], []
+        for r in range(args.repeats):
+            bare.append(bare_forward_seconds(models, images, args.batch_size))
+            store = tmp / f"store{r}"
+            st = score_pool([lst], target, comps, store, batch_size=args.batch_size, workers=args.workers,
+                            progress=False)
+            assert st.images == len(paths) and st.inferred[target.version] == len(paths), st
+            pipe.append(st.seconds)
+            first.append(st.seconds)
+            new = load_model_spec(parse_model_arg(
+                f"{args.target},checkpoint={_perturbed_checkpoint(target, tmp)}"), "cpu")
+            st2 = score_pool([lst], new, comps, store, batch_size=args.batch_size, workers=args.workers,
+                             progress=False)
+            assert st2.inferred == {new.version: len(paths)}, st2.inferred
+            rescore.append(st2.seconds)
+            print(f"  repeat {r + 1}: bare forward {bare[-1]:.1f}s, score {pipe[-1]:.1f}s, "
+                  f"re-score new target {rescore[-1]:.1f}s")
+        n = len(paths)
+        thr_ratio = (n / min(pipe)) / (n / min(bare))
+        re_ratio = min(rescore) / min(first)
+        share = bare_model_s[target.version] / sum(bare_model_s.values())
+
+        images.clear()
+        rss1 = _rss_run(args, lst, tmp / "rss1")
+        rss5 = _rss_run(args, _pool_list(tmp, args.images, repeat=5), tmp / "rss5")
+        assert rss5["entries"] == 5 * rss1["entries"] and rss5["images"] == rss1["images"]
+        main_ratio = rss5["main_kib"] / rss1["main_kib"]
+        worker_ratio = rss5["worker_kib"] / rss1["worker_kib"]
+        sel_s = _time_mad_select()
+
+        print()
+        print(f"{'figure':58s} {'value':>10s}  target")
+        print(f"{'scoring throughput / bare forward throughput':58s} {thr_ratio:10.3f}  >= 0.90"
+              f"   ({n / min(pipe):.2f} vs {n / min(bare):.2f} img/s)")
+        print(f"{f're-score new target / first score (target + {m} competitors)':58s} {re_ratio:10.3f}  "
+              f"<= {1 / (m + 1) + 0.05:.3f}   (target's share of forward time {share:.3f})")
+        print(f"{'peak RSS, pool list x5 / x1 (main process)':58s} {main_ratio:10.3f}  <= 1.10"
+              f"   ({rss5['main_kib'] / 1024:.0f} vs {rss1['main_kib'] / 1024:.0f} MiB)")
+        print(f"{'peak RSS, pool list x5 / x1 (largest worker)':58s} {worker_ratio:10.3f}  <= 1.10"
+              f"   ({rss5['worker_kib'] / 1024:.0f} vs {rss1['worker_kib'] / 1024:.0f} MiB)")
+        print(f"{'mad_select N=1e6, m=5, C=21 (s)':58s} {sel_s:10.2f}  < 5")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
