@@ -2,9 +2,10 @@
 
 For every object class in the real 500x375 masks of ``../shared/data/coco_voc`` (plus random
 noise), times ``encode(mask)`` against ``mask2rle(np.where(mask != 0, 255, 0).astype(np.uint8))``
-and ``decode(rle, h, w)`` against ``decode_rle(rle).reshape(h, w, 4)[:, :, 3]`` (best of several
-runs each), checks the outputs are equal, and prints the speed-ups. The headline mask is the
-largest object (the bicycle of 000000370208); the target is >= 20x for both directions.
+and against ``mask2rle`` of a ready 0/255 mask, and ``decode(rle, h, w)`` against
+``decode_rle(rle).reshape(h, w, 4)[:, :, 3]`` (best of several runs each), checks the outputs are
+equal, and prints the speed-ups. The headline mask is the largest object (the bicycle of
+000000370208); the target is >= 20x for both directions.
 
     python benchmarks/rle.py
 """
@@ -56,11 +57,13 @@ def compare(mask: np.ndarray) -> dict[str, float]:
     rle = mask2rle(m255)
     assert encode(mask) == rle, "encode differs from the SDK"
     assert np.array_equal(decode(rle, h, w), decode_rle(rle).reshape(h, w, 4)[:, :, 3]), "decode differs"
-    enc_sdk = best_time(lambda: mask2rle(m255))
+    enc_sdk = best_time(lambda: mask2rle(m255))  # the SDK given a ready 0/255 uint8 mask
+    enc_sdk_conv = best_time(lambda: mask2rle(np.where(mask != 0, 255, 0).astype(np.uint8)))  # from `mask`
     enc_ours = best_time(lambda: encode(mask))
     dec_sdk = best_time(lambda: decode_rle(rle).reshape(h, w, 4)[:, :, 3])
     dec_ours = best_time(lambda: decode(rle, h, w))
     return {"bytes": len(rle), "enc_sdk": enc_sdk, "enc_ours": enc_ours, "enc_x": enc_sdk / enc_ours,
+            "enc_conv_x": enc_sdk_conv / enc_ours,
             "dec_sdk": dec_sdk, "dec_ours": dec_ours, "dec_x": dec_sdk / dec_ours}
 
 
@@ -80,7 +83,8 @@ def real_masks() -> list[tuple[str, np.ndarray]]:
 
 
 def _line(name: str, r: dict[str, float]) -> str:
-    enc = f"encode {r['enc_sdk'] * 1e3:7.2f} ms -> {r['enc_ours'] * 1e3:6.3f} ms ({r['enc_x']:5.1f}x)"
+    enc = (f"encode {r['enc_sdk'] * 1e3:7.2f} ms -> {r['enc_ours'] * 1e3:6.3f} ms ({r['enc_x']:5.1f}x; "
+           f"{r['enc_conv_x']:5.1f}x with np.where)")
     dec = f"decode {r['dec_sdk'] * 1e3:7.2f} ms -> {r['dec_ours'] * 1e3:6.3f} ms ({r['dec_x']:5.1f}x)"
     return f"{name:<32} {r['bytes']:>7} B  {enc}  {dec}"
 
@@ -97,11 +101,12 @@ def main() -> int:
     r = results[head]
     enc = [v["enc_x"] for v in results.values()]
     dec = [v["dec_x"] for v in results.values()]
-    print(f"\nheadline ({head}, 500x375): encode {r['enc_x']:.1f}x, decode {r['dec_x']:.1f}x faster than "
+    print(f"\nheadline ({head}, 500x375): encode {r['enc_x']:.1f}x ({r['enc_conv_x']:.1f}x against "
+          f"mask2rle(np.where(mask != 0, 255, 0).astype(np.uint8))), decode {r['dec_x']:.1f}x faster than "
           f"the SDK (target >= {TARGET:.0f}x)")
     print(f"all {len(results)} real 500x375 object masks: encode median {statistics.median(enc):.1f}x "
           f"(min {min(enc):.1f}x), decode median {statistics.median(dec):.1f}x (min {min(dec):.1f}x)")
-    return 0 if r["enc_x"] >= TARGET and r["dec_x"] >= TARGET else 1
+    return 0 if min(r["enc_x"], r["dec_x"]) >= TARGET else 1
 
 
 if __name__ == "__main__":
