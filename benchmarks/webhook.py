@@ -70,14 +70,18 @@ def _wait(url: str, proc: subprocess.Popen[bytes], what: str, log: Path, timeout
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM twice (an rq worker then also stops the job it runs: cold shutdown), then SIGKILL."""
     if proc is None or proc.poll() is not None:
         return
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    for _ in range(2):
+        proc.terminate()
+        try:
+            proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def _stats(ms: list[float]) -> str:
@@ -220,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from redis import Redis
 
-            conn = Redis.from_url(args.redis)
-            for key in conn.scan_iter(match=f"*{queue}*"):
-                conn.delete(key)
-        except Exception:
-            pass
+            from ml_backend.jobs import purge_queue
+
+            purge_queue(Redis.from_url(args.redis), queue)
+        except Exception as exc:  # Redis down: nothing was left there
+            print(f"(could not clean Redis queue {queue}: {type(exc).__name__})")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -598,6 +598,35 @@ def rq_finetune(job_id: str, project_id: int, settings: dict[str, Any]) -> dict[
         return run_finetune_job(job_id, project_id, settings)
 
 
+def purge_queue(conn: Any, queue_name: str) -> int:
+    """Delete a fine-tune queue from Redis: its jobs (queued, running, finished, failed, ...), their
+    results, and the queue's pending/lock keys. Returns the number of keys deleted.
+
+    For tests and for retiring a queue; never touches keys of other queues.
+    """
+    from rq import Queue
+    from rq.registry import (
+        CanceledJobRegistry,
+        DeferredJobRegistry,
+        FailedJobRegistry,
+        FinishedJobRegistry,
+        ScheduledJobRegistry,
+        StartedJobRegistry,
+    )
+
+    q = Queue(queue_name, connection=conn)
+    ids = set(q.job_ids)
+    for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry, DeferredJobRegistry,
+                ScheduledJobRegistry, CanceledJobRegistry):
+        ids.update(reg(queue_name, connection=conn).get_job_ids())
+    keys: list[Any] = []
+    for job_id in ids:
+        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:job:{job_id}:dependents",
+                 f"rq:job:{job_id}:dependencies", f"rq:executions:{job_id}"]
+    keys += list(conn.scan_iter(match=f"*{queue_name}*", count=500))
+    return int(conn.delete(*keys)) if keys else 0
+
+
 def make_queue(config: Any) -> FinetuneQueue:
     """The queue for a ``BackendConfig``: Redis when ``REDIS_URL`` is set, else in-process."""
     settings = config.job_settings()

@@ -27,6 +27,7 @@ import requests
 
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.imageio import read_mask, read_rgb
+from ml_backend.jobs import purge_queue
 from ml_backend.shared import shared_dir
 from projects import admin, configs
 from projects.client import connect
@@ -82,6 +83,14 @@ class Backend:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "ml_backend"], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self) -> None:
+        auth = self.auth
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,7 +101,6 @@ class Backend:
             except requests.RequestException:  # not listening yet, or still loading the model
                 pass
             time.sleep(0.3)
-        self.stop()
         raise AssertionError(f"backend did not answer /health:\n{self.log()}")
 
     def log(self) -> str:
@@ -109,7 +117,8 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 @pytest.fixture()
@@ -247,9 +256,7 @@ def test_rq_mode_webhook_queues_one_job_and_backend_serves_the_new_version(
         preds = client.predictions.list(task=_tasks(client, pid)[0]["id"])
         assert pointer["version"] in {p.model_version for p in preds}
     finally:
-        rq_queue.empty()
-        for key in conn.scan_iter(match=f"*{queue_name}*"):
-            conn.delete(key)
+        purge_queue(conn, queue_name)
 
 
 def test_in_process_mode_burst_of_annotations_is_one_fine_tune(
