@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,34 @@ def test_a_burst_within_the_start_delay_becomes_one_job() -> None:
     assert len({s.job_id for s in subs}) == 1 and [s.coalesced for s in subs] == [False, True, True, True]
     assert q.wait_idle(10)
     assert runs == [subs[0].job_id]
+
+
+def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
+    """MADSEG_EXPERIMENT fills target, fine-tune settings (-> a valid FinetuneConfig), S(0), T(0)."""
+    from ml_backend.jobs import finetune_config
+    from ml_backend.shared import shared_dir
+    from projects.experiment import load_experiment
+
+    monkeypatch.chdir(tmp_path)
+    toml = Path(__file__).resolve().parents[1] / "projects" / "templates" / "demo.toml"
+    exp = load_experiment(toml)
+    cfg = BackendConfig.from_env({"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path)})
+    assert cfg.target == exp.target.spec()
+    assert cfg.replay_dir == (shared_dir() / "data" / "voc_samples").resolve()
+    assert cfg.replay_subset == "half0"
+    assert cfg.val_subset == "half1"
+    ft = finetune_config(cfg.finetune_options)
+    assert ft.epochs == exp.finetune.epochs and ft.lrs == exp.finetune.lr_grid
+    # explicit variables win over the experiment
+    cfg2 = BackendConfig.from_env({"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path),
+                                   "MADSEG_FINETUNE_OPTIONS": '{"epochs": 1}'})
+    assert finetune_config(cfg2.finetune_options).epochs == 1
+
+
+def test_unknown_finetune_setting_is_a_clear_error() -> None:
+    from ml_backend.jobs import finetune_config
+
+    with pytest.raises(MadsegError, match="unknown fine-tune setting"):
+        finetune_config({"epochz": 3})
+    with pytest.raises(MadsegError, match="epochs"):
+        finetune_config({"epochs": 0})
