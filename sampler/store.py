@@ -39,8 +39,8 @@ Tables (per shard):
 
 Public functions (all take the store directory):
 
-- ``read_label_map(store_dir, model_version, image_id) -> (H, W) uint8`` at the working
-  resolution (resize with nearest-neighbour to the image's original size if needed);
+- ``read_label_map(store_dir, model_version, image_id, size=None) -> (h, w) uint8`` at the
+  working resolution, or resized (nearest) to ``size`` = (H, W), e.g. the original image size;
 - ``read_areas(store_dir, model_version) -> (ids (N,) str, areas (N, C) float32, entropy (N,))``
   sorted by image id;
 - ``read_distances(store_dir, target_version, competitor_version, metric) -> (ids, d (N,))``;
@@ -361,15 +361,22 @@ class ScoreStore:
                 return row[0]
         return None
 
-    def read_label_map(self, model_version: str, image_id: str) -> np.ndarray:
-        """(H, W) uint8 label map at the working resolution; MadsegError if not stored."""
+    def read_label_map(
+        self, model_version: str, image_id: str, size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """(h, w) uint8 label map at the working resolution, or resized (nearest) to ``size`` =
+        (H, W), e.g. the image's original size; MadsegError if not stored."""
         data = self.label_png(model_version, image_id)
         if data is None:
             raise MadsegError(
                 f"{self.root}: no label map of model {model_version} for image {image_id}; "
                 "score the pool with that model first"
             )
-        return decode_label_png(data)
+        lab = decode_label_png(data)
+        if size is not None and tuple(size) != lab.shape:
+            im = Image.fromarray(lab, mode="L").resize((int(size[1]), int(size[0])), Image.NEAREST)
+            lab = np.asarray(im, dtype=np.uint8).copy()
+        return lab
 
     def image_path(self, image_id: str) -> str | None:
         """The smallest readable path (or URL) with this content, over all shards."""
@@ -572,10 +579,14 @@ def open_store(store_dir: str | os.PathLike[str]) -> ScoreStore:
     return ScoreStore(store_dir, writer_rank=None)
 
 
-def read_label_map(store_dir: str | os.PathLike[str], model_version: str, image_id: str) -> np.ndarray:
-    """(H, W) uint8 label map of ``model_version`` for ``image_id`` at the working resolution."""
+def read_label_map(
+    store_dir: str | os.PathLike[str], model_version: str, image_id: str, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """(h, w) uint8 label map of ``model_version`` for ``image_id`` at the working resolution, or
+    resized (nearest neighbour) to ``size`` = (H, W) — pass ``(info.height, info.width)`` of
+    :func:`iter_images` for the original image size."""
     with open_store(store_dir) as st:
-        return st.read_label_map(model_version, image_id)
+        return st.read_label_map(model_version, image_id, size)
 
 
 def read_areas(

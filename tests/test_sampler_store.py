@@ -61,6 +61,7 @@ def test_reads_cover_all_shards_and_merge_keeps_everything(tmp_path, monkeypatch
     assert ids.tolist() == sorted(a + b) and set(d.tolist()) == {0.25}
     assert [im.image_id for im in rs.iter_images()] == sorted(a + b)
     assert rs.read_label_map("T", a[1]).tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert S.read_label_map(root, "T", a[2], size=(4, 6)).tolist() == [[2] * 6] * 4
     assert S.image_paths(root, [a[0], "f" * 32]) == [f"/pool/{a[0]}.jpg", None]
     rs.close()
 
