@@ -320,3 +320,11 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
     assert res.created == 7 and calls["import"] == 3
     ids = [admin.task_image_id(t) for t in admin.iter_tasks(client, pid)]
     assert sorted(ids) == sorted(c["id"] for c in pool["cands"][:7])
+
+
+def test_connect_dead_ml_backend_is_clear(client, projects_):
+    from projects.ls_local import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(MadsegError, match=f"ML backend {url}"):
+        admin.connect_ml_backend(client, projects_.segmentation, url)
