@@ -284,3 +284,39 @@ def test_in_process_mode_burst_of_annotations_is_one_fine_tune(
     assert after["model_version"] != base
     pointer = json.loads((Path(backend.env["MADSEG_MODEL_DIR"]) / "current.json").read_text())
     assert after["model_version"] == pointer["version"] and pointer["projects"] == [pid]
+
+
+def test_predict_downloads_task_images_from_label_studio(
+    ls_server: Any, samples: list[tuple[str, Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a local document root the backend downloads task images from Label Studio, with a
+    legacy token or a personal access token (JWT, refreshed); a refused token gives empty
+    predictions for those tasks, not an error for the whole request."""
+    from ml_backend.app import create_app
+    from ml_backend.backend_config import BackendConfig
+    from ml_backend.zoo import load_model
+
+    client, pid = _segmentation_project(ls_server, samples[:2], f"backend download {uuid.uuid4().hex[:8]}")
+    admin.ensure_storages(client, pid, [samples[0][1].parent], Path(ls_server.document_root))
+    tasks = _tasks(client, pid)
+    body = {"tasks": tasks, "project": f"{pid}.0", "label_config": configs.segmentation_config(VOC_CLASSES)}
+    cfg = BackendConfig(target={"name": "espnetv2", "checkpoint": str(_checkpoint()), "options": {}},
+                        model_dir=tmp_path / "models", document_root=None)
+    model = load_model("espnetv2", str(_checkpoint()))
+    paths = {iid: img for iid, img, _ in samples}
+    pat = client.tokens.create().token
+    monkeypatch.delenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", raising=False)
+    monkeypatch.setenv("LABEL_STUDIO_URL", ls_server.url)
+    for key in (ls_server.api_key, pat):
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", key)
+        r = create_app(cfg).test_client().post("/predict", json=body)
+        assert r.status_code == 200, r.get_data(as_text=True)
+        for task, pred in zip(tasks, r.get_json()["results"], strict=True):
+            image = read_rgb(paths[task["data"]["image_id"]])
+            got = _label_map_from_results(pred["result"], *image.shape[:2])
+            np.testing.assert_array_equal(got, model.predict([image])[0])
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-valid-token")
+    r = create_app(cfg).test_client().post("/predict", json=body)
+    assert r.status_code == 200
+    assert [p["result"] for p in r.get_json()["results"]] == [[], []]
