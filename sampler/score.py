@@ -374,8 +374,7 @@ def score_pool(
         raise MadsegError(f"--workers must be >= 0, got {workers}")
     t0 = time.perf_counter()
     sources = _norm_sources(pool)
-    if not sources:
-        raise MadsegError("no pool given; pass a folder, image, list file or URL")
+    check_sources(sources)  # MadsegError for a missing or unusable source, before any work
     ctx = D.init_distributed(device)
     try:
         return _score(ctx, sources, target, competitors, Path(store_dir), batch_size, workers,
@@ -399,7 +398,6 @@ def _score(ctx: D.DistContext, sources: list[str], target: Any, competitors: Seq
                 f"competitor {m.name} ({m.version}) has {m.num_classes} classes, the target "
                 f"{tmodel.num_classes}; they must predict the same class list"
             )
-    check_sources(sources)  # MadsegError for a missing or unusable source, before any work
     wal = ctx.single_host
     store = ScoreStore(root, writer_rank=ctx.rank, wal=wal)
     show = progress and ctx.is_main

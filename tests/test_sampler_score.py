@@ -227,3 +227,34 @@ def test_swapping_roles_reuses_maps_and_adds_only_the_missing_entropy(scored, mo
     np.testing.assert_allclose(d_new, d_old, atol=1e-12)  # the distance is symmetric
     again = score_pool([pool_list], comp, [target], store, batch_size=4, workers=0, progress=False)
     assert again.inferred == {}
+
+
+def test_score_cli_with_toml_config_and_clear_errors(scored, models, pool_list, tmp_path, capsys):
+    store, _ = scored
+    target, comp = models
+    cfg = tmp_path / "models.toml"
+    cfg.write_text(
+        '[target]\nname = "espnetv2"\noptions = { scale = 0.5, input_size = 256 }\n\n'
+        f'[[competitors]]\nname = "tflite"\ncheckpoint = "{comp.checkpoint}"\n'
+    )
+    assert madseg_main(["score", str(pool_list), "--store", str(store), "--config", str(cfg),
+                        "--no-progress", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["target_version"] == target.version and out["competitor_versions"] == [comp.version]
+    assert out["inferred"] == {} and out["images"] == 8
+    errors = {
+        "at least one competitor": ["score", str(pool_list), "--store", str(store), "--target", TARGET],
+        "does not exist": ["score", str(tmp_path / "nope"), "--store", str(store), "--target", TARGET,
+                           "--competitor", COMPETITOR],
+        "must start with a model name": ["score", str(pool_list), "--store", str(store), "--target",
+                                         "scale=0.5", "--competitor", COMPETITOR],
+        "unknown model name": ["score", str(pool_list), "--store", str(tmp_path / "s2"), "--target",
+                               "nosuchnet", "--competitor", COMPETITOR],
+        "stores label maps at 256x256": ["score", str(pool_list), "--store", str(store), "--target", TARGET,
+                                         "--competitor", COMPETITOR, "--resolution", "128"],
+        "needs --n": ["select", "--store", str(store), "--method", "entropy"],
+    }
+    for what, argv in errors.items():
+        assert madseg_main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err, (what, err)
