@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ml_backend.atomic import atomic_write_text
+from ml_backend.atomic import atomic_write
 from ml_backend.errors import ImageReadError, MadsegError, ModelError
 
 from . import distributed as D
@@ -571,32 +571,39 @@ def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str,
 
 def _write_report(store: ScoreStore, run_id: str, stats: ScoreStats) -> None:
     """``pool_report.tsv``: kind, path, detail — one line per unreadable, bad, converted or duplicate
-    entry of this run; also fills the pool-level counts of ``stats``."""
-    lines = ["kind\tpath\tdetail"]
-    for path, err in store.iter_run_errors(run_id):
-        lines.append(f"unreadable\t{path}\t{_one_line(err)}")
-        stats.unreadable += 1
+    entry of this run (streamed to disk, then renamed into place); also fills the pool-level
+    counts of ``stats``."""
+    stats.unreadable = stats.bad = stats.converted = stats.duplicates = stats.images = 0
+
+    def write(fh: Any) -> None:
+        def line(kind: str, path: str, detail: str) -> None:
+            fh.write(f"{kind}\t{path}\t{_one_line(detail)}\n".encode())
+
+        fh.write(b"kind\tpath\tdetail\n")
+        for path, err in store.iter_run_errors(run_id):
+            line("unreadable", path, err)
+            stats.unreadable += 1
+        last, first_path = None, ""
+        for image_id, path in store.iter_run_paths(run_id):
+            if image_id == last:
+                line("duplicate", path, f"same content as {first_path} (scored once)")
+                stats.duplicates += 1
+                continue
+            last, first_path = image_id, path
+            stats.images += 1
+            reason = store.bad_reason(image_id)
+            if reason is not None:
+                line("bad", path, reason)
+                stats.bad += 1
+                continue
+            mode = store.image_mode(image_id)
+            if mode and mode != "RGB":
+                line("converted", path, f"converted from {mode} to RGB")
+                stats.converted += 1
+
+    atomic_write(store.root / REPORT_NAME, write)
     stats.paths = store.count_run_entries(run_id)
-    last, first_path = None, ""
-    stats.bad = stats.converted = stats.duplicates = stats.images = 0
-    for image_id, path in store.iter_run_paths(run_id):
-        if image_id == last:
-            lines.append(f"duplicate\t{path}\tsame content as {first_path} (scored once)")
-            stats.duplicates += 1
-            continue
-        last, first_path = image_id, path
-        stats.images += 1
-        reason = store.bad_reason(image_id)
-        if reason is not None:
-            lines.append(f"bad\t{path}\t{_one_line(reason)}")
-            stats.bad += 1
-            continue
-        mode = store.image_mode(image_id)
-        if mode and mode != "RGB":
-            lines.append(f"converted\t{path}\tconverted from {mode} to RGB")
-            stats.converted += 1
-    atomic_write_text(store.root / REPORT_NAME, "\n".join(lines) + "\n")
-    if len(lines) > 1:
+    if stats.unreadable or stats.bad or stats.converted or stats.duplicates:
         log.info("pool report: %d unreadable, %d bad, %d converted, %d duplicate entries (%s)",
                  stats.unreadable, stats.bad, stats.converted, stats.duplicates, store.root / REPORT_NAME)
 
