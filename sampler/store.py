@@ -449,10 +449,14 @@ class ScoreStore:
 
     def count_run_entries(self, run_id: str) -> int:
         """Distinct paths seen in ``run_id`` (over all shards)."""
-        return sum(1 for _ in self._merged_pages(
+        n, last = 0, None
+        for (path,) in self._merged_pages(
             "SELECT path FROM files WHERE seen_run=? AND (path) > {after} ORDER BY path LIMIT ?",
             (run_id,), ("",), 1,
-        ))
+        ):
+            if path != last:
+                n, last = n + 1, path
+        return n
 
     def image_mode(self, image_id: str) -> str | None:
         for conn in self.readers():

@@ -51,6 +51,8 @@ def test_reads_cover_all_shards_and_merge_keeps_everything(tmp_path, monkeypatch
         assert ids.tolist() == sorted(a + b)
         assert areas.shape == (12, 3)
         assert [i for i, _ in s0.iter_run_ids("r1")] == sorted(a + b)
+        assert s0.count_run_entries("r1") == 12  # b[:2]'s paths are in both shards, counted once
+        assert [p for _, p in s0.iter_run_paths("r1")] == [f"/pool/{i}.jpg" for i in sorted(a + b)]
         assert s0.done_models(b[4]) == {"T"}
         assert s0.has_distance("T", "C", b[4]) and not s0.has_distance("T", "X", b[4])
     merged = merge_shards(root)
