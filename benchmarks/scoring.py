@@ -140,7 +140,8 @@ def main() -> None:
         comps = [load_model_spec(parse_model_arg(c), "cpu") for c in args.competitor]
         models = [target, *comps]
         print(f"pool: {len(paths)} COCO images; batch {args.batch_size}; {args.workers} workers; "
-              f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs")
+              f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs; load average "
+              + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         print("models: " + ", ".join(f"{x.version} @{x.input_size[0]}x{x.input_size[1]}" for x in models))
         images = [read_rgb(p) for p in paths]
         bare_model_s = {x.version: bare_forward_seconds([x], images[:args.batch_size], args.batch_size)
@@ -177,6 +178,7 @@ def main() -> None:
         sel_s = _time_mad_select()
 
         print()
+        print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         print(f"{'figure':58s} {'value':>10s}  target")
         print(f"{'scoring throughput / bare forward throughput':58s} {thr_ratio:10.3f}  >= 0.90"
               f"   ({n / min(pipe):.2f} vs {n / min(bare):.2f} img/s)")
