@@ -39,6 +39,7 @@ from ml_backend.errors import MadsegError, MaskError
 from . import configs
 from .client import LabelStudioClient, LabelStudioUnreachable
 from .mos import Rating, parse_rating_result
+from .rle import check as check_rle
 from .rle import decode, encode
 
 log = logging.getLogger(__name__)
@@ -353,11 +354,8 @@ def _import_batch(
     delay = client.backoff_s
     for attempt in range(client.retries + 1):
         try:
-            body = client.sdk._client_wrapper.httpx_client.request(
-                f"api/projects/{project_id}/import", method="POST",
-                params={"return_task_ids": "true"}, json=[t for _, t in pending],
-                request_options={"max_retries": 0, "timeout_in_seconds": int(client.timeout_s)},
-            )
+            body = client.post_json_once(f"api/projects/{project_id}/import", [t for _, t in pending],
+                                         params={"return_task_ids": "true"})
             if body.status_code < 400:
                 ids = body.json().get("task_ids") or []
                 if len(ids) != len(pending):
@@ -682,10 +680,16 @@ def brush_results(
 
 
 def validate_brush_prediction(
-    prediction: Mapping[str, Any], controls: configs.BrushControls, size: tuple[int, int], where: str
+    prediction: Mapping[str, Any],
+    controls: configs.BrushControls,
+    size: tuple[int, int],
+    where: str,
+    *,
+    decode_rle: bool = True,
 ) -> None:
-    """Check a brush prediction before sending (Label Studio stores anything): names, labels,
-    sizes ((width, height) of the image) and that every RLE decodes to that size."""
+    """Check a brush prediction before sending: names, labels, sizes ((width, height) of the image)
+    and every RLE (fully decoded, or with ``decode_rle=False`` only its bytes and header, for RLEs
+    :func:`projects.rle.encode` just made)."""
     if not isinstance(prediction.get("result"), list):
         raise MadsegError(f"{where}: prediction has no result list")
     score = prediction.get("score")
@@ -706,7 +710,7 @@ def validate_brush_prediction(
         names = value.get("brushlabels")
         if not isinstance(names, list) or len(names) != 1 or names[0] not in labels:
             raise MadsegError(f"{where}: brush labels {names!r} are not one of the project's labels")
-        decode(value.get("rle"), h, w, where=f"{where}, label {names[0]!r}")
+        (decode if decode_rle else check_rle)(value.get("rle"), h, w, where=f"{where}, label {names[0]!r}")
 
 
 def push_segmentation_tasks(
@@ -747,7 +751,7 @@ def push_segmentation_tasks(
             lm = _resize_nearest(maps(iid), h, w)
             pred = {"model_version": str(model_version), "score": float(scores.get(iid, 0.0)),
                     "result": brush_results(lm, classes, ctl)}
-            validate_brush_prediction(pred, ctl, (w, h), f"image {iid}")
+            validate_brush_prediction(pred, ctl, (w, h), f"image {iid}", decode_rle=False)
             return {
                 "data": {ctl.image_key: local_files_url(c["path"], root), "image_id": iid},
                 "meta": {"image_id": iid, "path": os.path.abspath(c["path"])},

@@ -161,6 +161,30 @@ class LabelStudioClient:
 
         return self.call(what, go)
 
+    def post_json_once(
+        self, path: str, payload: Any, *, params: dict[str, Any] | None = None, timeout_s: float | None = None
+    ) -> Any:
+        """One POST of a large JSON body, no retries (the caller decides; e.g. a bulk import must
+        re-check what arrived before sending again). Returns the ``httpx.Response``.
+
+        The body is serialised with ``ujson`` when available (a dependency of the SDK), not by the
+        SDK's per-element encoder: brush RLEs make bodies of tens of KB per task.
+        """
+        try:
+            import ujson as fast_json
+
+            body = fast_json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except ImportError:  # pragma: no cover - ujson ships with label-studio-sdk
+            import json as fast_json
+
+            body = fast_json.dumps(payload).encode("utf-8")
+        wrapper = self.sdk._client_wrapper
+        headers = {**wrapper.get_headers(), "Content-Type": "application/json"}
+        return wrapper.httpx_client.httpx_client.post(
+            f"{self.url}/{path.lstrip('/')}", content=body, params=params, headers=headers,
+            timeout=timeout_s or self.timeout_s,
+        )
+
     def check(self) -> dict[str, Any]:
         """Who we are logged in as (``/api/current-user/whoami``); fails clearly when unusable."""
         me = self.request("GET", "api/current-user/whoami", "checking the API key")

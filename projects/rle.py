@@ -34,7 +34,7 @@ import numpy as np
 
 from ml_backend.errors import MadsegError
 
-__all__ = ["RLEError", "encode", "decode", "HEADER_BITS"]
+__all__ = ["RLEError", "encode", "decode", "check", "HEADER_BITS"]
 
 #: Header length in bits: 32 (count) + 5 (word size) + 4 * 4 (run-length widths).
 HEADER_BITS = 53
@@ -145,6 +145,20 @@ def _as_bytes(rle: Sequence[int] | np.ndarray | bytes, where: str | None) -> np.
         bad = next((v for v in rle if not isinstance(v, (int, np.integer))), None)
         shown = f"{type(bad).__name__} {str(bad)[:20]!r}"
         raise _fail(where, f"expected integers 0..255, found {shown}") from None
+
+
+def check(
+    rle: Sequence[int] | np.ndarray | bytes, height: int, width: int, where: str | None = None
+) -> None:
+    """Cheap structural check of a brush RLE for a (height, width) image, without decoding:
+    a list of byte values whose header announces 4 * height * width values. :class:`RLEError`
+    otherwise. (:func:`decode` checks the whole stream.)"""
+    data = _as_bytes(rle, where)
+    if data.size * 8 < HEADER_BITS + 14:
+        raise _fail(where, f"{data.size} bytes cannot hold a header and one run")
+    num = int.from_bytes(data[:4].tobytes(), "big")
+    if num != 4 * int(height) * int(width):
+        raise _fail(where, f"it holds {num} values but a {width}x{height} image needs {4 * height * width}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -300,19 +300,17 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
     import httpx
 
     pid = admin.ensure_project(client, "pytest lost response", configs.rating_config(), maximum_annotations=3)
-    http = client.sdk._client_wrapper.httpx_client
-    real = http.request
+    real = client.post_json_once
     calls = {"import": 0}
 
     def flaky(path, *args, **kwargs):
         resp = real(path, *args, **kwargs)
-        if path.endswith("/import"):
-            calls["import"] += 1
-            if calls["import"] == 2:  # the second batch reaches the server, its answer does not
-                raise httpx.ReadTimeout("simulated lost response")
+        calls["import"] += 1
+        if calls["import"] == 2:  # the second batch reaches the server, its answer does not
+            raise httpx.ReadTimeout("simulated lost response")
         return resp
 
-    monkeypatch.setattr(http, "request", flaky)
+    monkeypatch.setattr(client, "post_json_once", flaky)
     monkeypatch.setattr(client, "backoff_s", 0.05)
     res = admin.push_rating_tasks(client, pid, pool["cands"][:7], predictions=pool["pred_dir"],
                                   overlay_dir=pool["root"] / "overlays",

@@ -183,3 +183,16 @@ def test_decode_accepts_bytes_and_arrays():
     rle = encode(m)
     for form in (bytes(rle), np.array(rle, np.int64), tuple(rle)):
         np.testing.assert_array_equal(decode(form, 6, 6), np.where(m, 255, 0))
+
+
+def test_check_is_a_cheap_header_check():
+    from projects.rle import check
+
+    rle = encode(np.eye(8, dtype=bool))
+    check(rle, 8, 8)
+    with pytest.raises(RLEError, match="task 3: malformed brush RLE.*256 values.*needs 288"):
+        check(rle, 9, 8, where="task 3")
+    with pytest.raises(RLEError, match="cannot hold a header"):
+        check(rle[:6], 8, 8)
+    with pytest.raises(RLEError, match="0..255"):
+        check([999] * 20, 8, 8)
