@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 MADSEG = str(Path(sys.executable).with_name("madseg"))
 TARGET = "espnetv2,scale=0.5,input_size=256"
 COMPETITOR = "espnetv2,scale=0.5,input_size=384"
-N_IMAGES = 24
+N_IMAGES = 16
 
 
 def _counts(store: Path) -> dict[str, int]:

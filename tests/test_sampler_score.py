@@ -173,7 +173,7 @@ def test_bad_images_duplicates_and_urls_are_reported_not_fatal(models, tmp_path)
     from ml_backend.zoo import load_model
 
     target = models[0]
-    comp = load_model("espnetv2", scale=0.5, input_size=384, device="cpu")  # cheaper than the TFLite model
+    comp = load_model("espnetv2", scale=1.0, input_size=256, device="cpu")  # cheaper than the TFLite model
     files = make_pool(tmp_path / "pool")
     www = tmp_path / "www"
     www.mkdir()
