@@ -39,6 +39,16 @@ def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("MADSEG_CACHE", str(tmp_path_factory.getbasetemp() / "madseg-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These small tensors gain little from 2 threads, and on a busy 2-core machine OpenMP
+    threads waiting for each other make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model("espnetv2", scale=0.5, input_size=SIZE, device="cpu")
