@@ -6,23 +6,24 @@ resolution=None, progress=True) -> ScoreStats``
 ``target``/``competitors`` are loaded zoo models (``SegmentationModel``), ``ModelSpec``\\ s,
 spec dicts ``{name, checkpoint, options}`` or strings ``name[,checkpoint=...,key=value]``.
 
-Two streamed phases, each a ``DataLoader`` whose workers do the I/O (with prefetch), while the
-main process only runs models and writes:
+Two streamed phases:
 
 1. *index*: every pool entry (see :mod:`sampler.pool`) is stat-ed; entries whose size and mtime
-   match the store are not read again, the others are read and hashed to their content id. One
-   ``files`` row per entry, one transaction per batch of entries.
-2. *score*: the distinct image ids of this run, sorted by id (so exact duplicates are scored
-   once). Under torchrun, rank ``r`` of ``N`` takes the ids with ``bucket(id) % N == r``, so every
-   image is scored by exactly one rank. For each image a worker checks the store for what is
-   missing (models without a stored label map, (target, competitor) pairs without a distance),
-   decodes the image only if a model must run, applies each missing model's preprocessor, and
+   match the store are not read again, the others are read (files or URLs) and hashed to their
+   content id in ``workers`` I/O threads. One ``files`` row per entry, one transaction per batch
+   of entries. Under torchrun, rank ``r`` of ``N`` indexes the entries ``i % N == r``.
+2. *score*: a ``DataLoader`` (``workers`` processes, prefetch) over the distinct image ids of
+   this run, sorted by id (so exact duplicates are scored once). Under torchrun, rank ``r`` of
+   ``N`` takes the ids with ``bucket(id) % N == r``, so every image is scored by exactly one
+   rank. For each image a worker checks the store for what is missing (models without a stored
+   label map, (target, competitor) pairs without a distance), decodes the image only if a model
+   must run, applies each missing model's preprocessor (once per distinct preprocessor), and
    loads stored label maps of the models that need not run. The main process runs each missing
-   model on its sub-batch, resizes the probabilities bilinearly to the working resolution (default:
-   the target's input size), takes the argmax label map, the class area fractions and the mean
-   per-pixel entropy, computes the distances of the target's map to every competitor's map
-   (both metrics, batched confusion matrices), encodes the maps as palette PNGs and commits
-   the whole batch in one transaction.
+   model on its sub-batch, resizes the probabilities bilinearly to the working resolution
+   (default: the target's input size), takes the arg-max label map, the mean per-pixel entropy
+   (target only), computes the distances of the target's map to every competitor's map (both
+   metrics, batched confusion matrices, whose margins give the class area fractions), encodes
+   the maps as palette PNGs and commits the whole batch in one transaction.
 
 Hence: competitor predictions are reused across target versions (re-scoring a new target runs
 only the target and the distances); an interrupted run (Ctrl-C, ``kill -9``) re-run with the same
@@ -40,7 +41,7 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,55 +157,59 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class _IndexDataset(IterableDataset):
-    """Pool entries of this rank -> index rows ``(path, size, mtime_ns, image_id, error, hashed)``."""
+def _index_known(store: ScoreStore, entry: str) -> tuple | None:
+    """The index row of ``entry`` if it needs no reading (unchanged file, missing, empty), else None.
 
-    def __init__(self, sources: Sequence[str], store_root: str, wal: bool, rank: int, world: int,
-                 timeout: float):
-        self.sources = list(sources)
-        self.store_root = store_root
-        self.wal = wal
-        self.rank = rank
-        self.world = world
-        self.timeout = timeout
-
-    def __iter__(self) -> Iterator[tuple]:
-        wid, nw = _worker_slot()
-        store = ScoreStore(self.store_root, writer_rank=None, wal=self.wal, check=False)
-        try:
-            k = 0
-            for i, entry in enumerate(iter_pool_entries(self.sources)):
-                if i % self.world != self.rank:
-                    continue
-                k += 1
-                if (k - 1) % nw == wid:
-                    yield self._index(store, entry)
-        finally:
-            store.close()
-
-    def _index(self, store: ScoreStore, entry: str) -> tuple:
-        try:
-            st = stat_source(entry)
-        except ImageReadError as exc:
-            return (entry, None, None, None, str(exc), False)
-        size, mtime = st if st is not None else (None, None)
-        if size == 0:
-            return (entry, 0, mtime, None, f"{entry}: empty file (0 bytes)", False)
-        if st is not None:
-            row = store.lookup_file(entry)
-            if row and row.image_id and not row.error and row.size == size and row.mtime_ns == mtime:
-                return (entry, size, mtime, row.image_id, None, False)
-        try:
-            data = read_source(entry, self.timeout)
-        except ImageReadError as exc:
-            return (entry, size, mtime, None, str(exc), True)
-        if not data:
-            return (entry, size, mtime, None, f"{entry}: empty file (0 bytes)", True)
-        return (entry, size if size is not None else len(data), mtime, content_id(data), None, True)
+    Rows are ``(path, size, mtime_ns, image_id, error, hashed)``.
+    """
+    try:
+        st = stat_source(entry)
+    except ImageReadError as exc:
+        return (entry, None, None, None, str(exc), False)
+    if st is None:  # URL: always fetched (its content may have changed)
+        return None
+    size, mtime = st
+    if size == 0:
+        return (entry, 0, mtime, None, f"{entry}: empty file (0 bytes)", False)
+    row = store.lookup_file(entry)
+    if row and row.image_id and not row.error and row.size == size and row.mtime_ns == mtime:
+        return (entry, size, mtime, row.image_id, None, False)
+    return None
 
 
-def _list_collate(items: list[Any]) -> list[Any]:
-    return items
+def _index_read(entry: str, timeout: float) -> tuple:
+    """Read and hash one entry (runs in an I/O thread; hashing releases the GIL)."""
+    try:
+        st = stat_source(entry)
+        data = read_source(entry, timeout)
+    except ImageReadError as exc:
+        return (entry, None, None, None, str(exc), True)
+    size, mtime = st if st is not None else (len(data), None)
+    if not data:
+        return (entry, size, mtime, None, f"{entry}: empty file (0 bytes)", True)
+    return (entry, size, mtime, content_id(data), None, True)
+
+
+def _iter_index_rows(store: ScoreStore, sources: Sequence[str], rank: int, world: int, threads: int,
+                     timeout: float) -> Iterator[tuple]:
+    """Index rows of this rank's entries, in order; reading/hashing in ``threads`` I/O threads with
+    a bounded number in flight (memory stays constant)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    pending: deque[Future | tuple] = deque()
+    limit = max(4 * threads, 16)
+    with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="madseg-index") as pool:
+        for i, entry in enumerate(iter_pool_entries(sources)):
+            if i % world != rank:
+                continue
+            known = _index_known(store, entry)
+            pending.append(known if known is not None else pool.submit(_index_read, entry, timeout))
+            while len(pending) > limit or (pending and isinstance(pending[0], tuple)):
+                head = pending.popleft()
+                yield head if isinstance(head, tuple) else head.result()
+        while pending:
+            head = pending.popleft()
+            yield head if isinstance(head, tuple) else head.result()
 
 
 # ------------------------------------------------------------------------------------------ phase 2
@@ -419,7 +424,7 @@ def _score(ctx: D.DistContext, sources: list[str], target: Any, competitors: Seq
                           meta.resolution)
         stats = ScoreStats(run_id=run_id, target_version=tmodel.version,
                            competitor_versions=[m.version for m in cmodels])
-        _index_phase(ctx, store, sources, run_id, workers, timeout, wal, show, stats)
+        _index_phase(ctx, store, sources, run_id, workers, timeout, show, stats)
         D.barrier(ctx)
         _score_phase(ctx, store, models, meta.resolution, meta.num_classes, run_id, batch_size, workers,
                      timeout, wal, show, stats, device)
@@ -453,18 +458,26 @@ def _sum_stats(parts: list[ScoreStats]) -> ScoreStats:
 
 
 def _index_phase(ctx: D.DistContext, store: ScoreStore, sources: list[str], run_id: str, workers: int,
-                 timeout: float, wal: bool, show: bool, stats: ScoreStats) -> None:
-    ds = _IndexDataset(sources, str(store.root), wal, ctx.rank, ctx.world, timeout)
-    loader = _loader(ds, INDEX_BATCH, workers, _list_collate, False)
+                 timeout: float, show: bool, stats: ScoreStats) -> None:
     bar = _progress(None, "index pool", show, "file")
+    rows: list[tuple] = []
+
+    def flush() -> None:
+        now = time.time()
+        with store.transaction() as conn:
+            store.put_files(conn, [(p, s, mt, iid, err, run_id, now) for p, s, mt, iid, err, _ in rows])
+        stats.entries += len(rows)
+        stats.hashed += sum(1 for r in rows if r[5])
+        bar.update(len(rows))
+        rows.clear()
+
     try:
-        for rows in loader:
-            now = time.time()
-            with store.transaction() as conn:
-                store.put_files(conn, [(p, s, mt, iid, err, run_id, now) for p, s, mt, iid, err, _ in rows])
-            stats.entries += len(rows)
-            stats.hashed += sum(1 for r in rows if r[5])
-            bar.update(len(rows))
+        for row in _iter_index_rows(store, sources, ctx.rank, ctx.world, max(workers, 1), timeout):
+            rows.append(row)
+            if len(rows) >= INDEX_BATCH:
+                flush()
+        if rows:
+            flush()
     finally:
         bar.close()
 
