@@ -70,7 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> Any:
+    import logging
+
     from .rounds import RunOptions
+
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Label Studio request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     return RunOptions(oracle=args.oracle, poll_s=args.poll, wait_timeout_s=args.wait_timeout,
                       device=args.device, progress=not args.quiet, lwf_variant=args.lwf, **extra)
