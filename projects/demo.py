@@ -242,6 +242,10 @@ def run_demo(args: argparse.Namespace, options: Any) -> int:
     exp = load_experiment(config, preset="paper" if args.paper else None, overrides=overrides)
     rounds = args.rounds or 2
     t0 = time.monotonic()
+    # SIGTERM (and SIGINT, even where a background shell ignores it) end the demo through the
+    # normal exit path, so Label Studio and the ML backend are stopped too; re-running resumes.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     with experiment_lock(exp.dir):
         config_copy = exp.dir / "experiment.toml"
         atomic_write_text(config_copy, _toml_with_overrides(config.read_text(), overrides, exp))
@@ -263,6 +267,10 @@ def run_demo(args: argparse.Namespace, options: Any) -> int:
             print("wall time per stage (s):")
             print(stage_table(exp.dir))
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _toml_with_overrides(text: str, overrides: dict[str, Any], exp: Any) -> str:
