@@ -162,7 +162,8 @@ def main() -> None:
                              progress=False)
             assert st2.inferred == {new.version: len(paths)}, st2.inferred
             rescore.append(st2.seconds)
-            print(f"  repeat {r + 1}: bare forward {bare[-1]:.1f}s, score {pipe[-1]:.1f}s, "
+            print(f"  repeat {r + 1}: bare forward {bare[-1]:.1f}s, score {pipe[-1]:.1f}s "
+                  f"({', '.join(f'{k} {v:.1f}s' for k, v in st.timings.items())}), "
                   f"re-score new target {rescore[-1]:.1f}s")
         n = len(paths)
         thr_ratio = (n / min(pipe)) / (n / min(bare))

@@ -19,11 +19,12 @@ Two streamed phases:
    label map, (target, competitor) pairs without a distance), decodes the image only if a model
    must run, applies each missing model's preprocessor (once per distinct preprocessor), and
    loads stored label maps of the models that need not run. The main process runs each missing
-   model on its sub-batch, resizes the probabilities bilinearly to the working resolution
-   (default: the target's input size), takes the arg-max label map, the mean per-pixel entropy
-   (target only), computes the distances of the target's map to every competitor's map (both
-   metrics, batched confusion matrices, whose margins give the class area fractions), encodes
-   the maps as palette PNGs and commits the whole batch in one transaction.
+   model on its sub-batch, takes the mean per-pixel entropy (target only, at its output
+   resolution) and the arg-max label map at the working resolution (default: the target's input
+   size; a larger output is arg-maxed then resampled nearest-neighbour, a smaller one is
+   upsampled bilinearly before the arg-max), computes the distances of the target's map to every
+   competitor's map (both metrics, batched confusion matrices, whose margins give the class area
+   fractions), encodes the maps as palette PNGs and commits the whole batch in one transaction.
 
 Hence: competitor predictions are reused across target versions (re-scoring a new target runs
 only the target and the distances); an interrupted run (Ctrl-C, ``kill -9``) re-run with the same
@@ -100,6 +101,9 @@ class ScoreStats:
     competitor_versions: list[str] = field(default_factory=list)
     report: str = ""
     rank_images: list[int] = field(default_factory=list)  # images the target ran on, per rank
+    #: wall seconds of the score phase (rank 0): wait_data (for the loader), forward, post
+    #: (labels, entropy, distances, areas, PNG), write (SQLite commit)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -454,6 +458,7 @@ def _sum_stats(parts: list[ScoreStats]) -> ScoreStats:
         inferred.update(p.inferred)
     out.inferred = dict(inferred)
     out.rank_images = [p.inferred.get(p.target_version, 0) for p in parts]
+    out.timings = {k: round(v, 3) for k, v in parts[0].timings.items()}
     return out
 
 
@@ -494,8 +499,15 @@ def _score_phase(ctx: D.DistContext, store: ScoreStore, models: list[Any], res: 
     pin = str(getattr(tmodel, "device", "cpu")).startswith("cuda")
     loader = _loader(_ScoreDataset(plan), batch_size, workers, _score_collate, pin)
     bar = _progress(total, "score images", show, "img")
+    clock = stats.timings
     try:
-        for batch in loader:
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            clock["wait_data"] = clock.get("wait_data", 0.0) + time.perf_counter() - t0
+            if batch is None:
+                break
             _score_batch(store, batch, by_version, tmodel.version, plan.competitor_versions, res,
                          num_classes, stats)
             bar.update(len(batch["items"]))
@@ -503,29 +515,48 @@ def _score_phase(ctx: D.DistContext, store: ScoreStore, models: list[Any], res: 
         bar.close()
 
 
+def _labels_at(probs: torch.Tensor, res: tuple[int, int]) -> torch.Tensor:
+    """Label maps (B, H, W) uint8 at the working resolution ``res`` from probabilities (B, C, h, w).
+
+    At or above the working resolution: arg-max at the model's resolution, then nearest-neighbour
+    (pixel-centre) resampling; below it: bilinear upsampling of the probabilities, then arg-max.
+    """
+    h, w = probs.shape[2:]
+    if (h, w) == tuple(res):
+        return labels_from_probs_torch(probs)
+    if h >= res[0] and w >= res[1]:
+        lab = labels_from_probs_torch(probs)
+        return F.interpolate(lab[:, None], size=res, mode="nearest-exact")[:, 0]
+    up = F.interpolate(probs.float(), size=res, mode="bilinear", align_corners=False)
+    return labels_from_probs_torch(up)
+
+
 def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str, Any], tv: str,
                  cvs: tuple[str, ...], res: tuple[int, int], num_classes: int, stats: ScoreStats) -> None:
     """Run the missing models on one batch, compute areas/entropy/distances, commit it at once.
 
-    Label maps are the arg-max of the probabilities resized (bilinear) to the working resolution;
-    the entropy is computed for the target only; areas come from the confusion matrices of the
+    Label maps: see :func:`_labels_at`; the mean entropy is computed for the target only, at its
+    output resolution; areas come from the confusion matrices of the
     distances (row sums: target, column sums: competitor) when there are any, else a bincount.
     """
     items = batch["items"]
     labels: list[dict[str, torch.Tensor]] = [{} for _ in items]
     ran: dict[str, tuple[list[int], torch.Tensor, list[float | None]]] = {}
     npix = res[0] * res[1]
+    clock = stats.timings
+    t_start = time.perf_counter()
+    t_fwd = 0.0
     with torch.inference_mode():
         for v, (positions, x) in batch["batches"].items():
+            t0 = time.perf_counter()
             probs = by_version[v].forward(x)
+            t_fwd += time.perf_counter() - t0
             if probs.shape[1] != num_classes:
                 raise ModelError(f"model {v} returned {probs.shape[1]} classes, the store has {num_classes}")
-            if tuple(probs.shape[2:]) != tuple(res):
-                probs = F.interpolate(probs.float(), size=res, mode="bilinear", align_corners=False)
-            lab = labels_from_probs_torch(probs)
             ent: list[float | None] = [None] * len(positions)
             if v == tv:
                 ent = mean_entropy_torch(probs).tolist()
+            lab = _labels_at(probs, res)
             del probs
             for i, pos in enumerate(positions):
                 labels[pos][v] = lab[i]
@@ -566,6 +597,9 @@ def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str,
                 map_rows.append((iid, v, encode_label_png(lab_np[i])))
     image_rows = [(it["id"], it["size"][0], it["size"][1], it["mode"]) for it in items if "size" in it]
     bad_rows = [(it["id"], it["error"]) for it in items if it["kind"] == "bad"]
+    t_write = time.perf_counter()
+    clock["forward"] = clock.get("forward", 0.0) + t_fwd
+    clock["post"] = clock.get("post", 0.0) + (t_write - t_start - t_fwd)
     with store.transaction() as conn:
         conn.executemany("INSERT OR IGNORE INTO images VALUES(?,?,?,?)", image_rows)
         conn.executemany("INSERT OR IGNORE INTO bad VALUES(?,?)", bad_rows)
@@ -574,6 +608,7 @@ def _score_batch(store: ScoreStore, batch: dict[str, Any], by_version: dict[str,
             "SET entropy=excluded.entropy WHERE areas.entropy IS NULL", area_rows)
         conn.executemany("INSERT OR IGNORE INTO maps VALUES(?,?,?)", map_rows)
         conn.executemany("INSERT OR IGNORE INTO distances VALUES(?,?,?,?,?)", dist_rows)
+    clock["write"] = clock.get("write", 0.0) + time.perf_counter() - t_write
     stats.distances += len(dist_rows)
     stats.bad += len(bad_rows)
     stats.already_done += sum(1 for it in items if it["kind"] in ("done", "known_bad"))
