@@ -216,6 +216,10 @@ def _iter_index_rows(store: ScoreStore, sources: Sequence[str], rank: int, world
             yield head if isinstance(head, tuple) else head.result()
 
 
+def _list_collate(items: list[Any]) -> list[Any]:
+    return items
+
+
 # ------------------------------------------------------------------------------------------ phase 2
 @dataclass(frozen=True)
 class _Plan:
@@ -318,7 +322,7 @@ def _prep_key(prep: Any) -> Any:
     return (type(prep), prep)
 
 
-def _score_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def _make_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Group the model inputs of a batch per model version: ``{v: (positions, [b,3,h,w])}``."""
     groups: dict[str, list[int]] = {}
     for pos, it in enumerate(items):
@@ -497,20 +501,33 @@ def _score_phase(ctx: D.DistContext, store: ScoreStore, models: list[Any], res: 
                  timeout)
     total = sum(1 for iid, _ in store.iter_run_ids(run_id) if id_bucket(iid) % ctx.world == ctx.rank)
     pin = str(getattr(tmodel, "device", "cpu")).startswith("cuda")
-    loader = _loader(_ScoreDataset(plan), batch_size, workers, _score_collate, pin)
+    # Workers deliver chunks of batch_size / workers items, so the first full batch is ready after
+    # each worker has loaded one chunk (not after one worker has loaded a whole batch).
+    chunk = -(-batch_size // max(workers, 1))
+    loader = _loader(_ScoreDataset(plan), chunk, workers, _list_collate, pin)
     bar = _progress(total, "score images", show, "img")
     clock = stats.timings
+    buffer: list[dict[str, Any]] = []
+
+    def run(items: list[dict[str, Any]]) -> None:
+        _score_batch(store, _make_batch(items), by_version, tmodel.version, plan.competitor_versions, res,
+                     num_classes, stats)
+        bar.update(len(items))
+
     try:
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
-            batch = next(it, None)
+            got = next(it, None)
             clock["wait_data"] = clock.get("wait_data", 0.0) + time.perf_counter() - t0
-            if batch is None:
+            if got is None:
                 break
-            _score_batch(store, batch, by_version, tmodel.version, plan.competitor_versions, res,
-                         num_classes, stats)
-            bar.update(len(batch["items"]))
+            buffer.extend(got)
+            while len(buffer) >= batch_size:
+                run(buffer[:batch_size])
+                del buffer[:batch_size]
+        if buffer:
+            run(buffer)
     finally:
         bar.close()
 
