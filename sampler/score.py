@@ -306,7 +306,7 @@ class _ScoreDataset(IterableDataset):
             wanted.update(plan.competitor_versions[j] for j in need_dist)
         for v in wanted - set(need_models):
             data = store.label_png(v, image_id)
-            if data is None:  # cannot happen unless the store was edited; recompute then
+            if data is None:  # only if the store was edited by hand
                 raise MadsegError(f"{plan.store_root}: label map of {v} for {image_id} vanished; re-run")
             stored[v] = decode_label_png(data)
         item["stored"] = stored
