@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARGS = ["--target", "espnetv2,scale=0.5,input_size=256", "--competitor", "espnetv2,scale=0.5,input_size=384",
-        "--competitor", "dicenet,scale=0.5,input_size=256", "--batch-size", "1", "--workers", "1",
+        "--competitor", "espnetv2,scale=1.0,input_size=256", "--batch-size", "1", "--workers", "1",
         "--no-progress", "--json"]
 
 
