@@ -14,14 +14,9 @@ The webhook answer latency under a running fine-tune is measured by ``benchmarks
 
 from __future__ import annotations
 
+import argparse  # noqa: E402
 import os
 import sys
-
-# Run as a script: import from the repository root, not from benchmarks/ (whose file names, e.g.
-# select.py, would shadow standard-library modules).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -12,15 +12,9 @@ equal, and prints the speed-ups. The headline mask is the largest object (the bi
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script: import from the repository root, not from benchmarks/ (whose file names, e.g.
-# select.py, would shadow standard-library modules).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import csv  # noqa: E402
 import statistics  # noqa: E402
+import sys
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 

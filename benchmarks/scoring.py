@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-# keep benchmarks/ off sys.path: benchmarks/select.py would shadow the stdlib `select` module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
@@ -113,7 +111,7 @@ def _cpu_seconds() -> float:
 
 
 def _time_mad_select() -> float:
-    spec = importlib.util.spec_from_file_location("madseg_bench_select", _HERE / "select.py")
+    spec = importlib.util.spec_from_file_location("madseg_bench_select", _HERE / "selection.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

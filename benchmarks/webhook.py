@@ -21,17 +21,12 @@ private queue are deleted at the end; all processes are stopped.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds a select.py that would shadow the standard library's select module
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402

@@ -9,19 +9,14 @@ A few iterations after one warm-up each keep the whole run to a few minutes on 2
 # ruff: noqa: E402  (the path fix below must run before the other imports)
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0]; its modules (e.g. benchmarks/select.py) would shadow
-# the standard library, so put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import copy
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 

@@ -22,7 +22,7 @@ distances in exact (distance desc, index asc) order, including every image tied 
 one, so it is an exact prefix of the full order. Each problem checks eligibility on that prefix
 only; a problem that finds fewer than ``n3`` eligible images there (a rare class, so few are
 eligible) ranks all its eligible images instead. N = 1e6, m = 5, C = 21 takes well under a second
-on 2 CPU cores (``benchmarks/select.py``), about a second when every class is rare.
+on 2 CPU cores (``benchmarks/selection.py``), about a second when every class is rare.
 """
 
 from __future__ import annotations

@@ -5,16 +5,10 @@ worst case where every class is rare (each problem ranks its few eligible images
 areas: each image predicts background plus ~3 random foreground classes (Dirichlet fractions);
 distances uniform in [0, 1] rounded to 3 decimals (so ties occur).
 
-    .venv/bin/python benchmarks/select.py [--n 1000000] [--m 5] [--classes 21] [--n3 20]
+    .venv/bin/python benchmarks/selection.py [--n 1000000] [--m 5] [--classes 21] [--n3 20]
 """
 
-import sys
-from pathlib import Path
 
-# This file is called select.py: keep its folder off sys.path so that `import select` (stdlib,
-# used by subprocess/selectors) does not import this script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse  # noqa: E402
 import time  # noqa: E402
