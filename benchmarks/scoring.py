@@ -20,20 +20,19 @@ Prints four figures:
         [--target SPEC] [--competitor SPEC ...] [--repeats 3]
 """
 
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 DEFAULT_TARGET = "espnetv2,scale=2.0,input_size=384"
 DEFAULT_COMPETITORS = ["dicenet,scale=1.75,input_size=384", "espnetv2,scale=1.5,input_size=384"]

@@ -8,12 +8,10 @@ distances uniform in [0, 1] rounded to 3 decimals (so ties occur).
     .venv/bin/python benchmarks/selection.py [--n 1000000] [--m 5] [--classes 21] [--n3 20]
 """
 
+import argparse
+import time
 
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def synthetic_areas(rng: np.random.Generator, n: int, c: int, k: int = 3) -> np.ndarray:
