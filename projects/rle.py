@@ -75,53 +75,87 @@ def _header(num: int) -> bytes:
     return (head << 3).to_bytes(7, "big")
 
 
+# Every code of a run of n <= _CHUNK_PX pixels with value v (0 outside, 1 inside) in section
+# v (row v * _V_OFF + n) and, with the 16-bit length field the SDK uses for every piece of a
+# split run, in section 2 + v: its 32 bits, right-aligned (one 0/1 byte each), and which of them
+# the code keeps. (4 x 16385 x 32 bytes each.)
+_V_OFF = _CHUNK_PX + 1
+_TAB_KIND = np.full(4 * _V_OFF, 65, dtype=np.int64)
+_TAB_N = np.tile(np.arange(_V_OFF, dtype=np.int64), 4)
+_TAB_KIND[: 2 * _V_OFF] = np.minimum(_TAB_N[: 2 * _V_OFF], 65)
+_TAB_CODES = _CODE_HEAD[_TAB_KIND] + (_TAB_N << (2 + _WORD_SIZE)) - (1 << _WORD_SIZE)
+_TAB_CODES[_V_OFF : 2 * _V_OFF] += 255
+_TAB_CODES[3 * _V_OFF :] += 255
+_TAB_CODES[_TAB_N == 0] = 0  # unused rows
+_TAB_BITS = np.unpackbits(_TAB_CODES.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)
+_TAB_KEEP = _CODE_KEEP[_TAB_KIND]
+_TAB_KEEP[_TAB_N == 0] = False
+
+
+@functools.lru_cache(maxsize=8)
+def _header_bits(num: int) -> np.ndarray:
+    """The 53 header bits (0/1 uint8) for a stream of ``num`` values."""
+    return np.unpackbits(np.frombuffer(_header(num), dtype=np.uint8))[:HEADER_BITS]
+
+
 def encode(mask: np.ndarray) -> list[int]:
     """Brush RLE of a mask: (H, W) array, nonzero = inside -> list of byte values (0..255).
 
     Equal to ``mask2rle(np.where(mask != 0, 255, 0).astype(np.uint8))`` of the Label Studio SDK.
+    The outside runs before the first and after the last inside pixel are found with
+    ``bytes.find`` / ``rfind`` (memchr); only the span between them is compared pixel by pixel.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise RLEError(f"cannot encode a brush mask of shape {mask.shape}; expected a non-empty (H, W) array")
-    flat = mask.reshape(-1)
-    if flat.dtype != np.bool_:
-        flat = flat.astype(bool)
+    flat = (mask if mask.dtype == np.bool_ else mask != 0).reshape(-1)
     npix = flat.size
-    last = np.flatnonzero(flat[1:] != flat[:-1])  # last pixel of every run but the final one
-    nruns = last.size + 1
-    bounds = np.empty(nruns + 1, dtype=np.int64)
-    bounds[0] = -1
-    bounds[1:nruns] = last
-    bounds[nruns] = npix - 1
-    run_px = bounds[1:] - bounds[:-1]  # (R,) pixel run lengths; runs alternate outside/inside
-    kind = np.minimum(run_px, 65)
-    first_inside = 0 if flat[0] else 1
-    long_runs = np.flatnonzero(run_px > _CHUNK_PX) if run_px.max() > _CHUNK_PX else None
-    if long_runs is not None:
-        # A run over 65536 values becomes full 65536-value chunks and a remainder, as in the SDK.
-        full = (run_px[long_runs] - 1) // _CHUNK_PX
-        run_px = run_px.copy()
-        run_px[long_runs] -= full * _CHUNK_PX
-    codes = np.take(_CODE_HEAD, kind) + ((run_px << (2 + _WORD_SIZE)) - (1 << _WORD_SIZE))
-    codes[first_inside::2] += 255
-    if long_runs is not None:
-        # Repeat each long run's (remainder) code; its copies before the last get the full length.
-        reps = np.ones(nruns, dtype=np.int64)
-        reps[long_runs] += full
-        codes = np.repeat(codes, reps)
-        kind = np.repeat(kind, reps)
-        first = long_runs + np.cumsum(full) - full  # index of each long run's first chunk
-        for start, count in zip(first.tolist(), full.tolist(), strict=True):
-            codes[start : start + count] |= 0xFFFF << _WORD_SIZE
-    # Each code (<= 27 bits) as 32 bits, keep its low _CODE_BITS[kind] bits, concatenate, pack.
-    bits = np.unpackbits(codes.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)
-    body = bits[np.take(_CODE_KEEP, kind, axis=0)]
+    data = flat.tobytes()  # one 0/1 byte per pixel
+    a = data.find(1)  # first inside pixel
+    if a < 0:
+        run_px = np.array([npix, 0], dtype=np.int64)  # one outside run (the 0 is not used)
+        begin, stop = 0, 1
+    else:
+        b = data.rfind(1)  # last inside pixel
+        span = flat[a : b + 1]
+        inner = np.flatnonzero(span[1:] != span[:-1])  # last pixel of every span run but the last
+        # run_px: outside before a, the span's runs (inside first), outside after b; even = outside.
+        m = inner.size + 1  # runs in the span
+        run_px = np.empty(m + 2, dtype=np.int64)
+        run_px[0] = a
+        if m > 1:
+            run_px[1] = inner[0] + 1
+            np.subtract(inner[1:], inner[:-1], out=run_px[2:m])
+            run_px[m] = b - a - inner[-1]
+        else:
+            run_px[1] = b - a + 1
+        run_px[m + 1] = npix - 1 - b
+        begin, stop = (1 if a == 0 else 0), (m + 1 if b == npix - 1 else m + 2)
+    split = bool(run_px.max() > _CHUNK_PX)
+    if split:
+        long_runs = np.flatnonzero(run_px[begin:stop] > _CHUNK_PX) + begin
+        long_px = run_px[long_runs].tolist()
+    rows = run_px  # rows of the runs' codes in the tables (run_px is not needed after this)
+    rows[1::2] += _V_OFF
+    rows = rows[begin:stop]
+    if split:
+        # A run over 65536 values becomes full 65536-value chunks, then the remainder, all with
+        # the 16-bit length field, as in the SDK.
+        parts: list[np.ndarray | list[int]] = []
+        prev = 0
+        for i, n in zip(long_runs.tolist(), long_px, strict=True):
+            full = (n - 1) // _CHUNK_PX
+            section = (2 + (i & 1)) * _V_OFF
+            parts += [rows[prev : i - begin], [section + _CHUNK_PX] * full + [section + n - full * _CHUNK_PX]]
+            prev = i - begin + 1
+        parts.append(rows[prev:])
+        rows = np.concatenate(parts)
+    body = _TAB_BITS[rows][_TAB_KEEP[rows]]
     total = HEADER_BITS + body.size
     stream = np.zeros((total // 8 + 1) * 8, dtype=np.uint8)  # the SDK always pads with 1..8 zero bits
+    stream[:HEADER_BITS] = _header_bits(4 * npix)
     stream[HEADER_BITS:total] = body
-    out = np.packbits(stream)
-    out[:7] |= np.frombuffer(_header(4 * npix), dtype=np.uint8)
-    return out.tolist()
+    return np.packbits(stream).tolist()
 
 
 def _as_bytes(rle: Sequence[int] | np.ndarray | bytes, where: str | None) -> np.ndarray:
