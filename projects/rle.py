@@ -52,7 +52,7 @@ for _n in range(1, 66):
     _CODE_BITS[_n] = 3 + _RLE_SIZES[_idx] + _WORD_SIZE
     _CODE_HEAD[_n] = (1 << int(_CODE_BITS[_n] - 1)) | (_idx << int(_CODE_BITS[_n] - 3))
 _CODE_KEEP = np.arange(32)[None, :] >= (32 - _CODE_BITS)[:, None]  # (66, 32) bits of a code
-_PREFIX_SHIFTS = np.arange(7, -1, -1, dtype=np.int32)  # bit offset s in a byte -> shift 7 - s
+_PREFIX_SHIFTS64 = np.arange(45, 37, -1, dtype=np.int64)  # bit offset s in a byte -> shift 45 - s
 
 
 class RLEError(MadsegError):
@@ -158,27 +158,27 @@ def encode(mask: np.ndarray) -> list[int]:
     return np.packbits(stream).tolist()
 
 
-def _as_bytes(rle: Sequence[int] | np.ndarray | bytes, where: str | None) -> np.ndarray:
-    """The RLE as a uint8 array, or :class:`RLEError` if it is not a list of byte values."""
+def _as_bytes(rle: Sequence[int] | np.ndarray | bytes, where: str | None) -> bytes:
+    """The RLE as bytes, or :class:`RLEError` if it is not a list of byte values."""
+    if isinstance(rle, (list, tuple)):
+        try:
+            return bytes(rle)
+        except ValueError:
+            bad = next((v for v in rle if isinstance(v, int) and not 0 <= v <= 255), None)
+            raise _fail(where, f"byte values must be 0..255, found {bad}") from None
+        except TypeError:
+            bad = next((v for v in rle if not isinstance(v, (int, np.integer))), None)
+            shown = f"{type(bad).__name__} {str(bad)[:20]!r}"
+            raise _fail(where, f"expected integers 0..255, found {shown}") from None
     if isinstance(rle, (bytes, bytearray)):
-        return np.frombuffer(bytes(rle), dtype=np.uint8)
+        return bytes(rle)
     if isinstance(rle, np.ndarray):
         if rle.ndim != 1 or (rle.size and rle.dtype.kind not in "iu"):
             raise _fail(where, f"expected a flat list of byte values, got an array {rle.dtype} {rle.shape}")
         if rle.size and (int(rle.min()) < 0 or int(rle.max()) > 255):
             raise _fail(where, f"byte values must be 0..255, found {int(rle.min())}..{int(rle.max())}")
-        return rle.astype(np.uint8)
-    if not isinstance(rle, (list, tuple)):
-        raise _fail(where, f"expected a list of byte values, got {type(rle).__name__}")
-    try:
-        return np.frombuffer(bytes(rle), dtype=np.uint8)
-    except ValueError:
-        bad = next((v for v in rle if isinstance(v, int) and not 0 <= v <= 255), None)
-        raise _fail(where, f"byte values must be 0..255, found {bad}") from None
-    except TypeError:
-        bad = next((v for v in rle if not isinstance(v, (int, np.integer))), None)
-        shown = f"{type(bad).__name__} {str(bad)[:20]!r}"
-        raise _fail(where, f"expected integers 0..255, found {shown}") from None
+        return rle.astype(np.uint8).tobytes()
+    raise _fail(where, f"expected a list of byte values, got {type(rle).__name__}")
 
 
 def check(
@@ -188,22 +188,23 @@ def check(
     a list of byte values whose header announces 4 * height * width values. :class:`RLEError`
     otherwise. (:func:`decode` checks the whole stream.)"""
     data = _as_bytes(rle, where)
-    if data.size * 8 < HEADER_BITS + 14:
-        raise _fail(where, f"{data.size} bytes cannot hold a header and one run")
-    num = int.from_bytes(data[:4].tobytes(), "big")
+    if len(data) * 8 < HEADER_BITS + 14:
+        raise _fail(where, f"{len(data)} bytes cannot hold a header and one run")
+    num = int.from_bytes(data[:4], "big")
     if num != 4 * int(height) * int(width):
         raise _fail(where, f"it holds {num} values but a {width}x{height} image needs {4 * height * width}")
 
 
 @functools.lru_cache(maxsize=16)
 def _code_tables(word_size: int, sizes: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
-    """For every 19-bit prefix t of a code: (code length in bits, values it yields, field width)."""
+    """For every 19-bit prefix t of a code: (code length in bits, values it yields, offset of its
+    first value: 3 + field width)."""
     t = np.arange(1 << 19, dtype=np.int64)
     flag = t >> 18
     field = np.asarray(sizes, dtype=np.int64)[(t >> 16) & 3]
     run = ((t >> (16 - field)) & ((1 << field) - 1)) + 1
     step = 3 + field + np.where(flag == 1, word_size, run * word_size)
-    return step, run.astype(np.int32), field.astype(np.int32)
+    return step, run, 3 + field
 
 
 def decode(
@@ -219,15 +220,13 @@ def decode(
     height, width = int(height), int(width)
     if height <= 0 or width <= 0:
         raise _fail(where, f"image size {width}x{height} is not positive")
-    data = _as_bytes(rle, where)
-    nbytes = data.size
+    raw = _as_bytes(rle, where)
+    nbytes = len(raw)
     nbits = nbytes * 8
     if nbits < HEADER_BITS:
         raise _fail(where, f"{nbytes} bytes is shorter than the {HEADER_BITS}-bit header")
-    padded = data.tobytes() + bytes(8)
-    # Big-endian 64-bit word starting at every byte; (word << s) starts at bit 8 * byte + s.
-    word = np.ndarray((nbytes,), dtype=">u8", buffer=padded, strides=(1,)).astype(np.uint64)
-    num = int(word[0]) >> 32
+    head = int.from_bytes(raw[:7], "big") >> 3  # the 53 header bits
+    num = head >> 21
     expected = 4 * height * width
     if num != expected:
         raise _fail(
@@ -235,48 +234,70 @@ def decode(
             f"it holds {num} values but a {width}x{height} image needs {expected} (4 per pixel); "
             "wrong image size or garbage",
         )
-    head = int(word[4])  # bits 32.. : word size (5 bits) and the four widths (4 bits each)
-    word_size = (head >> 59) + 1
-    sizes = tuple(((head >> (55 - 4 * k)) & 15) + 1 for k in range(4))
-    step_of, run_of, field_of = _code_tables(word_size, sizes)
+    word_size = ((head >> 16) & 31) + 1
+    sizes = (((head >> 12) & 15) + 1, ((head >> 8) & 15) + 1, ((head >> 4) & 15) + 1, (head & 15) + 1)
+    step_of, run_of, value_off = _code_tables(word_size, sizes)
 
-    # The code that would start at each bit position, its length, and the chain from the first.
-    top = (word >> np.uint64(38)).astype(np.int32)  # bits 0..25 of each byte's window
-    prefix = ((top[:, None] >> _PREFIX_SHIFTS) & 0x7FFFF).reshape(-1)[HEADER_BITS:]
-    nxt = np.arange(HEADER_BITS, nbits, dtype=np.int64)
-    nxt += np.take(step_of, prefix)
-    hop = memoryview(nxt)
-    chain: list[int] = []
-    p = HEADER_BITS
-    while p < nbits:
-        chain.append(p)
-        p = hop[p - HEADER_BITS]
-    starts = np.fromiter(chain, dtype=np.int64, count=len(chain))
-    code = np.take(prefix, starts - HEADER_BITS)
-    counts = np.take(run_of, code).astype(np.int64)
-    produced = np.cumsum(counts)
-    ncodes = int(np.searchsorted(produced, num)) + 1  # codes needed to reach num values
+    # Big-endian 64-bit word starting at every byte (as int64: the masked shifts below only keep
+    # bits that an arithmetic shift leaves intact); (word << s) starts at bit 8 * byte + s.
+    word = np.ndarray((nbytes,), dtype=">i8", buffer=raw + bytes(8), strides=(1,)).astype(np.int64)
+    # The 19 bits at every bit position from the end of the header, and the code length there.
+    prefix = ((word[:, None] >> _PREFIX_SHIFTS64) & 0x7FFFF).reshape(-1)[HEADER_BITS:]
+    hop = memoryview(step_of.take(prefix))
+    chain: list[int] = []  # code starts, in bits after the header
+    q, end = 0, nbits - HEADER_BITS
+    while q < end:
+        chain.append(q)
+        q += hop[q]
+    starts = np.array(chain, dtype=np.int64)
+    code = prefix.take(starts)
+    produced = run_of.take(code).cumsum()
+    ncodes = int(produced.searchsorted(num)) + 1  # codes needed to reach num values
     if ncodes > starts.size:
         got = int(produced[-1]) if produced.size else 0
         raise _fail(where, f"the stream ends after {min(got, num)} of {num} values (truncated)")
-    starts, code, counts, produced = starts[:ncodes], code[:ncodes], counts[:ncodes], produced[:ncodes]
-    if int(starts[-1] + step_of[code[-1]]) > nbits:
+    if ncodes < starts.size:
+        starts, code, produced = starts[:ncodes], code[:ncodes], produced[:ncodes]
+    if chain[ncodes - 1] + hop[chain[ncodes - 1]] > end:
         raise _fail(where, "the last run is cut off (truncated)")
-    is_run = code >= (1 << 18)
-    value_at = starts + 3 + np.take(field_of, code)
-    lengths = counts
-    if not is_run.all():
-        # Literal codes expand to `count` values of length 1; run codes stay one value each.
-        if not is_run[-1] and int(produced[-1]) > num:
-            raise _fail(where, f"literal values run past the {num} values the header announces")
-        nelem = np.where(is_run, 1, counts)
-        owner = np.repeat(np.arange(ncodes), nelem)
-        within = np.arange(owner.size) - np.repeat(np.cumsum(nelem) - nelem, nelem)
-        value_at = value_at[owner] + np.where(is_run[owner], 0, within * word_size)
-        lengths = np.where(is_run[owner], counts[owner], 1)
-    values = (np.take(word, value_at >> 3) << (value_at & 7).astype(np.uint64)) >> np.uint64(64 - word_size)
+    if int(code.min()) >= 1 << 18:  # only repeat codes: one value each, read from `prefix`
+        values = prefix.take(starts + value_off.take(code))
+        if word_size <= 19:
+            values >>= 19 - word_size
+        else:  # wider than the 19-bit window: read the value from the 64-bit words
+            at = starts + value_off.take(code) + HEADER_BITS
+            values = (np.take(word, at >> 3) << (at & 7)) >> (64 - word_size) & ((1 << word_size) - 1)
+        ends = produced
+    else:
+        values, ends = _literal_values(word, starts, code, produced, num, word_size, value_off, where)
     if word_size > 8 and int(values.max()) > 255:
         raise _fail(where, f"value {int(values.max())} does not fit in a byte")
-    ends = np.minimum(produced if lengths is counts else np.cumsum(lengths), num)
+    if int(ends[-1]) > num:
+        ends = np.minimum(ends, num)
     # Alpha values sit at indices 4k + 3; [begin, end) holds end // 4 - begin // 4 of them.
-    return np.repeat(values.astype(np.uint8), np.diff(ends >> 2, prepend=0)).reshape(height, width)
+    ends >>= 2
+    alpha = np.empty(ends.size, dtype=np.int64)
+    alpha[0] = ends[0]
+    np.subtract(ends[1:], ends[:-1], out=alpha[1:])
+    return values.astype(np.uint8).repeat(alpha).reshape(height, width)
+
+
+def _literal_values(
+    word: np.ndarray, starts: np.ndarray, code: np.ndarray, produced: np.ndarray, num: int,
+    word_size: int, value_off: np.ndarray, where: str | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(values (V,), cumulative ends (V,)) of codes (C,) that include literal codes, which
+    expand to ``count`` values of one each; repeat codes stay one value each."""
+    ncodes = code.size
+    is_run = code >= (1 << 18)
+    counts = np.diff(produced, prepend=0)  # values each code yields
+    if not is_run[-1] and int(produced[-1]) > num:
+        raise _fail(where, f"literal values run past the {num} values the header announces")
+    value_at = starts + HEADER_BITS + value_off.take(code)
+    nelem = np.where(is_run, 1, counts)
+    owner = np.repeat(np.arange(ncodes), nelem)
+    within = np.arange(owner.size) - np.repeat(np.cumsum(nelem) - nelem, nelem)
+    value_at = value_at[owner] + np.where(is_run[owner], 0, within * word_size)
+    lengths = np.where(is_run[owner], counts[owner], 1)
+    values = (np.take(word, value_at >> 3) << (value_at & 7)) >> (64 - word_size) & ((1 << word_size) - 1)
+    return values, np.cumsum(lengths)
