@@ -118,7 +118,7 @@ def encode(mask: np.ndarray) -> list[int]:
     else:
         b = data.rfind(1)  # last inside pixel
         span = flat[a : b + 1]
-        inner = np.flatnonzero(span[1:] != span[:-1])  # last pixel of every span run but the last
+        inner = (span[1:] != span[:-1]).nonzero()[0]  # last pixel of every span run but the last
         # run_px: outside before a, the span's runs (inside first), outside after b; even = outside.
         m = inner.size + 1  # runs in the span
         run_px = np.empty(m + 2, dtype=np.int64)
@@ -133,7 +133,7 @@ def encode(mask: np.ndarray) -> list[int]:
         begin, stop = (1 if a == 0 else 0), (m + 1 if b == npix - 1 else m + 2)
     split = bool(run_px.max() > _CHUNK_PX)
     if split:
-        long_runs = np.flatnonzero(run_px[begin:stop] > _CHUNK_PX) + begin
+        long_runs = (run_px[begin:stop] > _CHUNK_PX).nonzero()[0] + begin
         long_px = run_px[long_runs].tolist()
     rows = run_px  # rows of the runs' codes in the tables (run_px is not needed after this)
     rows[1::2] += _V_OFF
@@ -150,12 +150,11 @@ def encode(mask: np.ndarray) -> list[int]:
             prev = i - begin + 1
         parts.append(rows[prev:])
         rows = np.concatenate(parts)
-    body = _TAB_BITS[rows][_TAB_KEEP[rows]]
-    total = HEADER_BITS + body.size
-    stream = np.zeros((total // 8 + 1) * 8, dtype=np.uint8)  # the SDK always pads with 1..8 zero bits
-    stream[:HEADER_BITS] = _header_bits(4 * npix)
-    stream[HEADER_BITS:total] = body
-    return np.packbits(stream).tolist()
+    body = _TAB_BITS.take(rows, axis=0)[_TAB_KEEP.take(rows, axis=0)]
+    out = np.packbits(np.concatenate((_header_bits(4 * npix), body))).tolist()  # zero-padded
+    if body.size % 8 == 3:  # HEADER_BITS + body.size is a multiple of 8: the SDK adds a zero byte
+        out.append(0)
+    return out
 
 
 def _as_bytes(rle: Sequence[int] | np.ndarray | bytes, where: str | None) -> bytes:
@@ -249,7 +248,7 @@ def decode(
     while q < end:
         chain.append(q)
         q += hop[q]
-    starts = np.array(chain, dtype=np.int64)
+    starts = np.fromiter(chain, dtype=np.int64, count=len(chain))
     code = prefix.take(starts)
     produced = run_of.take(code).cumsum()
     ncodes = int(produced.searchsorted(num)) + 1  # codes needed to reach num values
