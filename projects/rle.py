@@ -243,42 +243,49 @@ def decode(
     # The 19 bits at every bit position from the end of the header, and the code length there.
     prefix = ((word[:, None] >> _PREFIX_SHIFTS64) & 0x7FFFF).reshape(-1)[HEADER_BITS:]
     hop = memoryview(step_of.take(prefix))
-    chain: list[int] = []  # code starts, in bits after the header
+    chain: list[int] = []  # code starts, in bits after the header, then the end of the last
     q, end = 0, nbits - HEADER_BITS
     while q < end:
         chain.append(q)
         q += hop[q]
-    starts = np.fromiter(chain, dtype=np.int64, count=len(chain))
-    code = prefix.take(starts)
+    chain.append(q)
+    pos = np.fromiter(chain, dtype=np.int64, count=len(chain))  # (C + 1,)
+    code = prefix.take(pos[:-1])
     produced = run_of.take(code).cumsum()
     ncodes = int(produced.searchsorted(num)) + 1  # codes needed to reach num values
-    if ncodes > starts.size:
+    if ncodes > code.size:
         got = int(produced[-1]) if produced.size else 0
         raise _fail(where, f"the stream ends after {min(got, num)} of {num} values (truncated)")
-    if ncodes < starts.size:
-        starts, code, produced = starts[:ncodes], code[:ncodes], produced[:ncodes]
-    if chain[ncodes - 1] + hop[chain[ncodes - 1]] > end:
+    if chain[ncodes] > end:
         raise _fail(where, "the last run is cut off (truncated)")
-    if int(code.min()) >= 1 << 18:  # only repeat codes: one value each, read from `prefix`
-        values = prefix.take(starts + value_off.take(code))
-        if word_size <= 19:
-            values >>= 19 - word_size
+    if ncodes < code.size:
+        code, produced = code[:ncodes], produced[:ncodes]
+    if int(code.min()) >= 1 << 18:  # only repeat codes: one value each, their last bits
+        value_at = pos[1 : ncodes + 1] - word_size
+        if word_size <= 8:
+            values = _value_table(word_size).take(prefix.take(value_at))
+        elif word_size <= 19:
+            values = prefix.take(value_at) >> (19 - word_size)
         else:  # wider than the 19-bit window: read the value from the 64-bit words
-            at = starts + value_off.take(code) + HEADER_BITS
-            values = (np.take(word, at >> 3) << (at & 7)) >> (64 - word_size) & ((1 << word_size) - 1)
+            value_at += HEADER_BITS
+            values = (word.take(value_at >> 3) << (value_at & 7)) >> (64 - word_size) & ((1 << word_size) - 1)
         ends = produced
     else:
-        values, ends = _literal_values(word, starts, code, produced, num, word_size, value_off, where)
+        values, ends = _literal_values(word, pos[:ncodes], code, produced, num, word_size, value_off, where)
     if word_size > 8 and int(values.max()) > 255:
         raise _fail(where, f"value {int(values.max())} does not fit in a byte")
     if int(ends[-1]) > num:
         ends = np.minimum(ends, num)
     # Alpha values sit at indices 4k + 3; [begin, end) holds end // 4 - begin // 4 of them.
-    ends >>= 2
-    alpha = np.empty(ends.size, dtype=np.int64)
-    alpha[0] = ends[0]
-    np.subtract(ends[1:], ends[:-1], out=alpha[1:])
-    return values.astype(np.uint8).repeat(alpha).reshape(height, width)
+    alpha = ends >> 2
+    alpha[1:] -= alpha[:-1]  # numpy buffers the overlapping operands
+    return values.astype(np.uint8, copy=False).repeat(alpha).reshape(height, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _value_table(word_size: int) -> np.ndarray:
+    """The value (uint8) in the first ``word_size`` (<= 8) bits of every 19-bit window."""
+    return (np.arange(1 << 19, dtype=np.int64) >> (19 - word_size)).astype(np.uint8)
 
 
 def _literal_values(
