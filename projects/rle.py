@@ -52,7 +52,7 @@ for _n in range(1, 66):
     _CODE_BITS[_n] = 3 + _RLE_SIZES[_idx] + _WORD_SIZE
     _CODE_HEAD[_n] = (1 << int(_CODE_BITS[_n] - 1)) | (_idx << int(_CODE_BITS[_n] - 3))
 _CODE_KEEP = np.arange(32)[None, :] >= (32 - _CODE_BITS)[:, None]  # (66, 32) bits of a code
-_PREFIX_SHIFTS64 = np.arange(45, 37, -1, dtype=np.int64)  # bit offset s in a byte -> shift 45 - s
+_PREFIX_SHIFTS32 = np.arange(13, 5, -1, dtype=np.int32)  # bit offset s in a byte -> shift 13 - s
 
 
 class RLEError(MadsegError):
@@ -237,11 +237,12 @@ def decode(
     sizes = (((head >> 12) & 15) + 1, ((head >> 8) & 15) + 1, ((head >> 4) & 15) + 1, (head & 15) + 1)
     step_of, run_of, value_off = _code_tables(word_size, sizes)
 
-    # Big-endian 64-bit word starting at every byte (as int64: the masked shifts below only keep
-    # bits that an arithmetic shift leaves intact); (word << s) starts at bit 8 * byte + s.
-    word = np.ndarray((nbytes,), dtype=">i8", buffer=raw + bytes(8), strides=(1,)).astype(np.int64)
-    # The 19 bits at every bit position from the end of the header, and the code length there.
-    prefix = ((word[:, None] >> _PREFIX_SHIFTS64) & 0x7FFFF).reshape(-1)[HEADER_BITS:]
+    # The 19 bits at every bit position from the end of the header, from the big-endian 32-bit
+    # window at every byte (as int32: the masked shifts only keep bits 6..24 of it).
+    window = np.ndarray((nbytes,), dtype=">u4", buffer=raw + bytes(4), strides=(1,)).astype(np.int32)
+    prefix = np.right_shift(window[:, None], _PREFIX_SHIFTS32)
+    prefix &= 0x7FFFF
+    prefix = prefix.reshape(-1)[HEADER_BITS:]
     hop = memoryview(step_of.take(prefix))
     chain: list[int] = []  # code starts, in bits after the header, then the end of the last
     q, end = 0, nbits - HEADER_BITS
@@ -267,11 +268,14 @@ def decode(
         elif word_size <= 19:
             values = prefix.take(value_at) >> (19 - word_size)
         else:  # wider than the 19-bit window: read the value from the 64-bit words
+            word = _words(raw)
             value_at += HEADER_BITS
             values = (word.take(value_at >> 3) << (value_at & 7)) >> (64 - word_size) & ((1 << word_size) - 1)
         ends = produced
     else:
-        values, ends = _literal_values(word, pos[:ncodes], code, produced, num, word_size, value_off, where)
+        values, ends = _literal_values(
+            _words(raw), pos[:ncodes], code, produced, num, word_size, value_off, where
+        )
     if word_size > 8 and int(values.max()) > 255:
         raise _fail(where, f"value {int(values.max())} does not fit in a byte")
     if int(ends[-1]) > num:
@@ -280,6 +284,12 @@ def decode(
     alpha = ends >> 2
     alpha[1:] -= alpha[:-1]  # numpy buffers the overlapping operands
     return values.astype(np.uint8, copy=False).repeat(alpha).reshape(height, width)
+
+
+def _words(raw: bytes) -> np.ndarray:
+    """The big-endian 64-bit word starting at every byte of ``raw`` (int64, (len(raw),)); bits
+    ``8 * i + s`` onwards are ``word[i] << s`` (the signed shifts used keep them intact)."""
+    return np.ndarray((len(raw),), dtype=">i8", buffer=raw + bytes(8), strides=(1,)).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=8)
