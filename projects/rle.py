@@ -18,11 +18,12 @@ into chunks that all use the 16-bit field), and :func:`decode` reads any stream 
 ``decode_rle`` reads (any word size up to 32 bits, any widths, the literal runs the browser writes)
 and returns the alpha channel, ``decode_rle(rle).reshape(h, w, 4)[:, :, 3]``.
 
-Both work on whole arrays: encoding finds the runs with one comparison over the pixels, builds
-every code as an integer from lookup tables and concatenates their bits with one boolean mask;
-decoding computes the length of a code that would start at every bit position (a lookup table on
-the next 19 bits), follows the chain of code starts (one cheap step per code) and expands the
-runs with ``np.repeat``.
+Both work on whole arrays: encoding skips the outside pixels before the first and after the last
+inside pixel with ``bytes.find``/``rfind`` (memchr), finds the runs in between with one comparison,
+and looks every run's code bits up in a table (one row per run length and value) before packing
+them; decoding computes the length of a code that would start at every bit position (a lookup
+table on the next 19 bits), follows the chain of code starts (one cheap step per code), reads each
+repeat code's value from its last bits and expands the runs with ``np.repeat``.
 """
 
 from __future__ import annotations
