@@ -34,19 +34,7 @@ VAL_STEMS = ["voc_293", "voc_294"]
 SIZE = 128
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MADSEG_CACHE", str(tmp_path_factory.getbasetemp() / "madseg-cache"))
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These small tensors gain little from 2 threads, and on a busy 2-core machine OpenMP
-    threads waiting for each other make them several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,20 +40,7 @@ ESP = SHARED / "models" / "espnetv2"
 TFLITE = SHARED / "models" / "tflite" / "deeplabv3_mnv2_dm05_voc.tflite"
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the checkpoint-hash cache of these tests out of the user's home."""
-    monkeypatch.setenv("MADSEG_CACHE", str(tmp_path_factory.getbasetemp() / "madseg-cache"))
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These small tensors gain little from 2 threads, and on a busy 2-core machine OpenMP
-    threads waiting for each other make them several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
 
 
 def _voc(stem: str) -> tuple[np.ndarray, np.ndarray]:
