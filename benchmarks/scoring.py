@@ -5,8 +5,10 @@ Prints four figures:
 1. scoring throughput through ``score_pool`` (what ``madseg score`` runs: read + hash + decode +
    resize in DataLoader workers, inference, areas, entropy, distances, PNG maps, SQLite) divided
    by the bare forward-pass throughput of the same models on pre-decoded, pre-resized tensors of
-   the same size and batch (target >= 0.90). Each repeat runs bare, pipeline and re-score back to
-   back; the figure is the median of the per-repeat ratios, since the machine is shared;
+   the same size and batch (target >= 0.90), with the default number of DataLoader workers
+   (``auto_workers``: 0 on a 2-core machine, where decoding on the cores that run the forward pass
+   costs more than it saves) and, for comparison, with 2 workers. Each repeat runs bare, pipeline
+   and re-score back to back; the figures are medians of the per-repeat ratios (shared machine);
 2. re-scoring the pool for a new target version (a perturbed copy of the target's checkpoint)
    divided by the first scoring with target + m competitors (target <= 1/(m+1) + 0.05). The bound
    assumes models of similar cost, so the defaults are three CPU models of similar cost
@@ -91,7 +93,9 @@ def _rss_child(args: argparse.Namespace) -> None:
 
 def _rss_run(args: argparse.Namespace, lst: Path, store: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(lst), "--rss-store", str(store),
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--target", args.target]
+           "--batch-size", str(args.batch_size), "--target", args.target]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
     for c in args.competitor:
         cmd += ["--competitor", c]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -121,7 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="default: sampler.score.auto_workers()")
+    ap.add_argument("--overlap-workers", type=int, default=2,
+                    help="also measure the pipeline with this many workers (0: skip)")
     ap.add_argument("--target", default=DEFAULT_TARGET)
     ap.add_argument("--competitor", action="append", default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -147,7 +153,8 @@ def main() -> None:
         target = load_model_spec(parse_model_arg(args.target), "cpu")
         comps = [load_model_spec(parse_model_arg(c), "cpu") for c in args.competitor]
         models = [target, *comps]
-        print(f"pool: {len(paths)} COCO images; batch {args.batch_size}; {args.workers} workers; "
+        print(f"pool: {len(paths)} COCO images; batch {args.batch_size}; "
+              f"{args.workers if args.workers is not None else 'auto'} workers; "
               f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs; load average "
               + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         print("models: " + ", ".join(f"{x.version} @{x.input_size[0]}x{x.input_size[1]}" for x in models))
@@ -155,13 +162,16 @@ def main() -> None:
         bare_model_s = {x.version: bare_forward_seconds([x], images[:args.batch_size], args.batch_size)
                         for x in models}  # warm-up and per-model cost
 
-        bare, pipe, rescore, cpu_bare, cpu_pipe = [], [], [], [], []
+        from sampler.score import auto_workers
+
+        workers = args.workers if args.workers is not None else auto_workers("cpu")
+        bare, pipe, rescore, cpu_bare, cpu_pipe, overlap = [], [], [], [], [], []
         for r in range(args.repeats):
             c0 = _cpu_seconds()
             bare.append(bare_forward_seconds(models, images, args.batch_size))
             c1 = _cpu_seconds()
             store = tmp / f"store{r}"
-            st = score_pool([lst], target, comps, store, batch_size=args.batch_size, workers=args.workers,
+            st = score_pool([lst], target, comps, store, batch_size=args.batch_size, workers=workers,
                             progress=False)
             c2 = _cpu_seconds()
             assert st.images == len(paths) and st.inferred[target.version] == len(paths), st
@@ -170,13 +180,19 @@ def main() -> None:
             cpu_pipe.append(c2 - c1)
             new = load_model_spec(parse_model_arg(
                 f"{args.target},checkpoint={_perturbed_checkpoint(target, tmp)}"), "cpu")
-            st2 = score_pool([lst], new, comps, store, batch_size=args.batch_size, workers=args.workers,
+            st2 = score_pool([lst], new, comps, store, batch_size=args.batch_size, workers=workers,
                              progress=False)
             assert st2.inferred == {new.version: len(paths)}, st2.inferred
             rescore.append(st2.seconds)
+            if args.overlap_workers:
+                st3 = score_pool([lst], target, comps, tmp / f"overlap{r}", batch_size=args.batch_size,
+                                 workers=args.overlap_workers, progress=False)
+                overlap.append(st3.seconds)
             print(f"  repeat {r + 1}: bare forward {bare[-1]:.1f}s, score {pipe[-1]:.1f}s "
                   f"({', '.join(f'{k} {v:.1f}s' for k, v in st.timings.items())}), "
-                  f"re-score new target {rescore[-1]:.1f}s; load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"re-score new target {rescore[-1]:.1f}s"
+                  + (f", score with {args.overlap_workers} workers {overlap[-1]:.1f}s" if overlap else "")
+                  + f"; load {os.getloadavg()[0]:.2f}", flush=True)
         n = len(paths)
         # each repeat measures bare, pipeline and re-score back to back: use the median of the
         # per-repeat ratios (robust to the load of a shared machine changing between repeats)
@@ -199,6 +215,10 @@ def main() -> None:
         print(f"{'scoring throughput / bare forward throughput':58s} {thr_ratio:10.3f}  >= 0.90"
               f"   (median of {args.repeats}; best {n / min(pipe):.2f} vs {n / min(bare):.2f} img/s; "
               f"CPU-time ratio {cpu_ratio:.3f})")
+        if overlap:
+            ov = statistics.median(b / p for b, p in zip(bare, overlap, strict=True))
+            print(f"{f'  same with {args.overlap_workers} DataLoader workers (decode overlapping)':58s} "
+                  f"{ov:10.3f}")
         print(f"{f're-score new target / first score (target + {m} competitors)':58s} {re_ratio:10.3f}  "
               f"<= {1 / (m + 1) + 0.05:.3f}   (target's share of forward time {share:.3f})")
         print(f"{'peak RSS, pool list x5 / x1 (main process)':58s} {main_ratio:10.3f}  <= 1.10"

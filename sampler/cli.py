@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--competitor", action="append", default=[], help="competitor model spec (repeat)")
     p.add_argument("--config", type=Path, help="TOML file with [target] and [[competitors]] tables")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading worker processes (default: on a GPU up to 8; on the CPU the cores "
+                        "not used by torch's threads, 0 on a 2-core machine)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resolution", type=_resolution, default=None,
                    help="working resolution HxW of stored label maps (default: the target's input size)")
