@@ -80,14 +80,15 @@ def _rss_child(args: argparse.Namespace) -> None:
     """Subprocess entry: score ``args.rss_child`` into a fresh store, print peak RSS (KiB) as JSON."""
     import resource
 
-    from sampler.score import score_pool
+    from sampler.score import auto_workers, score_pool
 
+    workers = args.workers if args.workers is not None else auto_workers("cpu")
     stats = score_pool([args.rss_child], args.target, args.competitor, args.rss_store,
-                       batch_size=args.batch_size, workers=args.workers, progress=False)
+                       batch_size=args.batch_size, workers=workers, progress=False)
     print(json.dumps({
         "main_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-        "entries": stats.entries, "images": stats.images,
+        "entries": stats.entries, "images": stats.images, "workers": workers,
     }))
 
 
@@ -206,7 +207,7 @@ def main() -> None:
         rss5 = _rss_run(args, _pool_list(tmp, args.images, repeat=5), tmp / "rss5")
         assert rss5["entries"] == 5 * rss1["entries"] and rss5["images"] == rss1["images"]
         main_ratio = rss5["main_kib"] / rss1["main_kib"]
-        worker_ratio = rss5["worker_kib"] / rss1["worker_kib"]
+        worker_ratio = rss5["worker_kib"] / max(rss1["worker_kib"], 1)
         sel_s = _time_mad_select()
 
         print()
@@ -223,8 +224,9 @@ def main() -> None:
               f"<= {1 / (m + 1) + 0.05:.3f}   (target's share of forward time {share:.3f})")
         print(f"{'peak RSS, pool list x5 / x1 (main process)':58s} {main_ratio:10.3f}  <= 1.10"
               f"   ({rss5['main_kib'] / 1024:.0f} vs {rss1['main_kib'] / 1024:.0f} MiB)")
-        print(f"{'peak RSS, pool list x5 / x1 (largest worker)':58s} {worker_ratio:10.3f}  <= 1.10"
-              f"   ({rss5['worker_kib'] / 1024:.0f} vs {rss1['worker_kib'] / 1024:.0f} MiB)")
+        if rss1["workers"]:
+            print(f"{'peak RSS, pool list x5 / x1 (largest worker)':58s} {worker_ratio:10.3f}  <= 1.10"
+                  f"   ({rss5['worker_kib'] / 1024:.0f} vs {rss1['worker_kib'] / 1024:.0f} MiB)")
         print(f"{'mad_select N=1e6, m=5, C=21 (s)':58s} {sel_s:10.2f}  < 5")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
