@@ -89,14 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def read_models_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``[target]`` and ``[[competitors]]`` of a TOML file as spec dicts."""
-    import tomllib
+    from ml_backend.tomlfile import read_toml
 
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MadsegError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MadsegError(f"--config {path}: not valid TOML ({exc})") from None
+    data = read_toml(path, f"--config {path}")
     target = data.get("target")
     comps = data.get("competitors", [])
     if not isinstance(target, dict) or not target.get("name"):

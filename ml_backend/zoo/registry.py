@@ -7,7 +7,6 @@ TorchScript / ``torch.export`` file (a ``.tflite`` path is taken as ``tflite``).
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..tomlfile import read_toml
 from .base import ModelSpec, SegmentationModel, resolve_device
 from .tflite import load_tflite, shared_tflite_files
 from .torch_entries import (
@@ -26,11 +26,6 @@ from .torch_entries import (
     load_torchvision,
     torchvision_weights_file,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: Options every entry accepts: they change how, not what, the model computes.
 RUNTIME_OPTIONS = ("bf16", "channels_last")
@@ -97,12 +92,7 @@ def read_model_specs(path: str | os.PathLike[str]) -> list[ModelSpec]:
     """Model specs from a TOML file: ``[[models]]`` tables with ``name``, ``checkpoint``, options
     (inline or under ``options``). Relative checkpoint paths are relative to the TOML file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"model config {path}: cannot read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelError(f"model config {path}: not valid TOML ({exc})") from None
+    data = read_toml(path, f"model config {path}", ModelError)
     tables = data.get("models")
     if not isinstance(tables, list) or not tables:
         raise ModelError(f"model config {path}: needs one or more [[models]] tables with a name")
