@@ -1,4 +1,4 @@
-"""Benchmark: projects.rle (vectorised) against the Label Studio SDK's brush RLE codec.
+"""Benchmark: ml_backend.labelstudio.rle (vectorised) against the Label Studio SDK's brush RLE codec.
 
 For every object class in the real 500x375 masks of ``../shared/data/coco_voc`` (plus random
 noise), times ``encode(mask)`` against ``mask2rle(np.where(mask != 0, 255, 0).astype(np.uint8))``
@@ -23,8 +23,8 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES  # noqa: E402
+from ml_backend.labelstudio.rle import decode, encode  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
-from projects.rle import decode, encode  # noqa: E402
 
 HEADLINE = ("000000370208", 2)
 TARGET = 20.0

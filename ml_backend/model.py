@@ -90,7 +90,7 @@ def brush_results(
 
     ``max_prob`` (H, W) float (optional) gives each result's ``score`` (its pixels' mean).
     """
-    from projects.rle import encode
+    from ml_backend.labelstudio.rle import encode
 
     height, width = label_map.shape
     present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=256))

@@ -35,12 +35,12 @@ import numpy as np
 from ml_backend.atomic import atomic_write
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError, MaskError
+from ml_backend.labelstudio.rle import check as check_rle
+from ml_backend.labelstudio.rle import decode, encode
 
 from . import configs
 from .client import LabelStudioClient, LabelStudioUnreachable
 from .mos import Rating, parse_rating_result
-from .rle import check as check_rle
-from .rle import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -689,7 +689,7 @@ def validate_brush_prediction(
 ) -> None:
     """Check a brush prediction before sending: names, labels, sizes ((width, height) of the image)
     and every RLE (fully decoded, or with ``decode_rle=False`` only its bytes and header, for RLEs
-    :func:`projects.rle.encode` just made)."""
+    :func:`ml_backend.labelstudio.rle.encode` just made)."""
     if not isinstance(prediction.get("result"), list):
         raise MadsegError(f"{where}: prediction has no result list")
     score = prediction.get("score")
@@ -850,7 +850,7 @@ def export_masks(
     Writes ``out_dir/images/<stem><ext>`` (a copy of the photo) and ``out_dir/masks/<stem>.png``
     (mode-P PNG, class indices, 255 = unpainted) for each task with a submitted annotation (the
     latest one). Returns image id -> stem. Unknown labels, bad sizes or malformed RLE raise
-    :class:`AnnotationError` / :class:`projects.rle.RLEError` naming the task; files are written
+    :class:`AnnotationError` / :class:`ml_backend.labelstudio.rle.RLEError` naming the task; files are written
     atomically, so a re-run redoes the export safely.
     """
     from ml_backend.imageio import write_mask

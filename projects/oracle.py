@@ -187,7 +187,7 @@ def brush_result(
 ) -> list[dict[str, Any]]:
     """The brush-label ``result`` list that paints ground truth (H, W) (one RLE region per class);
     ``controls`` from ``projects.configs.validate_segmentation_config``."""
-    from projects.rle import encode
+    from ml_backend.labelstudio.rle import encode
 
     h, w = gt.shape
     return [

@@ -191,7 +191,7 @@ def test_drawn_classes_are_those_with_a_label() -> None:
 
 
 def test_brush_results_one_per_present_class_and_decode_back() -> None:
-    from projects.rle import decode
+    from ml_backend.labelstudio.rle import decode
 
     target = BrushTarget("label", "image", "image", ("bird", "cat"))
     lm = np.zeros((5, 7), np.uint8)

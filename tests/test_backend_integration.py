@@ -28,11 +28,11 @@ import requests
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.imageio import read_mask, read_rgb
 from ml_backend.jobs import purge_queue
+from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
 from projects import admin, configs
 from projects.client import connect
 from projects.ls_local import free_port
-from projects.rle import decode
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
 

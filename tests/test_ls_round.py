@@ -13,11 +13,11 @@ import pytest
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask, write_mask
+from ml_backend.labelstudio.rle import RLEError, decode, encode
 from ml_backend.shared import shared_dir
 from projects import admin, configs
 from projects.client import LabelStudioUnreachable, connect
 from projects.mos import choose_lowest, mean_opinion_scores
-from projects.rle import RLEError, decode, encode
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -10,6 +10,7 @@ import pytest
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import write_mask
+from ml_backend.labelstudio.rle import decode
 from projects.configs import (
     rating_config,
     segmentation_config,
@@ -30,7 +31,6 @@ from projects.oracle import (
     score_from_quality,
     simulated_scores,
 )
-from projects.rle import decode
 
 RATING_XML = rating_config()
 BRUSH_XML = segmentation_config(VOC_CLASSES)

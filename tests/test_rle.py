@@ -1,4 +1,4 @@
-"""projects.rle against the Label Studio SDK's brush RLE codec (the reference)."""
+"""ml_backend.labelstudio.rle against the Label Studio SDK's brush RLE codec (the reference)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
+from ml_backend.labelstudio.rle import RLEError, decode, encode
 from ml_backend.shared import shared_dir
-from projects.rle import RLEError, decode, encode
 
 
 def _sdk_encode(mask: np.ndarray) -> list[int]:
@@ -186,7 +186,7 @@ def test_decode_accepts_bytes_and_arrays():
 
 
 def test_check_is_a_cheap_header_check():
-    from projects.rle import check
+    from ml_backend.labelstudio.rle import check
 
     rle = encode(np.eye(8, dtype=bool))
     check(rle, 8, 8)
