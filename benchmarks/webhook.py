@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from ml_backend.classes import VOC_CLASSES  # noqa: E402
 from ml_backend.imageio import read_mask  # noqa: E402
+from ml_backend.labelstudio.client import connect  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
 from projects import admin, configs  # noqa: E402
-from projects.client import connect  # noqa: E402
 from projects.ls_local import free_port, start_local_label_studio  # noqa: E402
 
 #: the queued job starts this long after its first event: the idle measurement fits in it

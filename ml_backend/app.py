@@ -27,7 +27,7 @@ Configuration: environment variables, see :mod:`ml_backend.backend_config` (``MA
 ``MADSEG_FINETUNE_OPTIONS``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
 ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``, ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``, ...).
 With basic auth configured every route needs the credentials; connect Label Studio with the same
-ones (:func:`ml_backend.ls_connect.connect_backend` also puts them on the auto-created webhook).
+ones (:func:`ml_backend.labelstudio.connect.connect_backend` also puts them on the auto-created webhook).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from label_studio_ml.model import LabelStudioMLBase
 
 from .backend_config import BackendConfig
 from .errors import MadsegError
-from .task_images import ImageSource, LabelStudioAuth
+from .labelstudio.task_images import ImageSource, LabelStudioAuth
 from .versions import ServingRecord, pointer_stamp, read_pointer
 
 log = logging.getLogger(__name__)

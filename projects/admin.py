@@ -1,12 +1,13 @@
 """Label Studio administration for a round: projects, storage, pushes, collection, export (I/O).
 
-Every function takes a :class:`projects.client.LabelStudioClient` (``projects.client.connect()``).
+Every function takes a :class:`ml_backend.labelstudio.client.LabelStudioClient`
+(``ml_backend.labelstudio.client.connect()``). Connecting the ML backend:
+:func:`ml_backend.labelstudio.connect.connect_ml_backend`.
 
 - :func:`create_round_projects`: the rating and the segmentation project of round i (idempotent:
   found again by title).
 - :func:`register_local_storage` / :func:`ensure_storages`: local-files storages that let Label
   Studio serve the pool images and overlays (no sync: we import the tasks ourselves).
-- :func:`connect_ml_backend`: the ML backend (via ``ml_backend.ls_connect``).
 - :func:`push_rating_tasks`: candidates M with pre-blended overlays; :func:`push_segmentation_tasks`:
   S with brush pre-annotations, validated before sending. Pushes are bulk (one request per batch),
   keyed by the image id in task data and meta, and idempotent: a re-run after a crash adds only
@@ -35,11 +36,11 @@ import numpy as np
 from ml_backend.atomic import atomic_write
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError, MaskError
+from ml_backend.labelstudio.client import LabelStudioClient, LabelStudioUnreachable
 from ml_backend.labelstudio.rle import check as check_rle
 from ml_backend.labelstudio.rle import decode, encode
 
 from . import configs
-from .client import LabelStudioClient, LabelStudioUnreachable
 from .mos import Rating, parse_rating_result
 
 log = logging.getLogger(__name__)
@@ -272,21 +273,6 @@ def ensure_storages(
         have[folder] = sid
         ids.append(sid)
     return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# ML backend
-# ---------------------------------------------------------------------------------------------
-
-
-def connect_ml_backend(
-    client: LabelStudioClient, project_id: int, url: str, basic_auth: tuple[str, str] | None = None
-) -> int:
-    """Connect the ML backend at ``url`` to the project (idempotent); the ML backend id."""
-    from ml_backend.ls_connect import connect_backend
-
-    return client.call(f"connecting ML backend {url} to project {project_id}",
-                       lambda: connect_backend(client.sdk, project_id, url, basic_auth=basic_auth))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _print(obj: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import connect
+    from ml_backend.labelstudio.client import connect
 
     return connect(args.url, None)
 
@@ -81,7 +81,7 @@ def cmd_register_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_connect_backend(args: argparse.Namespace) -> int:
-    from .admin import connect_ml_backend
+    from ml_backend.labelstudio.connect import connect_ml_backend
 
     auth = None
     if args.basic_auth_user:

@@ -635,9 +635,9 @@ class Services:
 
     # -- Label Studio ----------------------------------------------------------------------------
     def client(self) -> Any:
-        """The Label Studio client (``projects.client.connect``) for the config's URL and key."""
+        """The Label Studio client (``ml_backend.labelstudio.client.connect``) for the config's URL, key."""
         if getattr(self, "_client", None) is None:
-            from .client import connect
+            from ml_backend.labelstudio.client import connect
 
             ls = self.exp.label_studio
             self._client = connect(ls.url, ls.api_key())
@@ -652,7 +652,9 @@ class Services:
         """The round's rating + segmentation projects (found again by title, so a crash between
         creating them and recording them creates nothing twice); the ML backend is connected to the
         segmentation project when a backend URL is configured."""
-        from .admin import connect_ml_backend, create_round_projects
+        from ml_backend.labelstudio.connect import connect_ml_backend
+
+        from .admin import create_round_projects
 
         ls = self.exp.label_studio
         client = self.client()

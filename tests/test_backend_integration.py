@@ -28,10 +28,11 @@ import requests
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.imageio import read_mask, read_rgb
 from ml_backend.jobs import purge_queue
+from ml_backend.labelstudio.client import connect
+from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
 from projects import admin, configs
-from projects.client import connect
 from projects.ls_local import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
@@ -202,7 +203,7 @@ def test_rq_mode_webhook_queues_one_job_and_backend_serves_the_new_version(
     try:
         client, pid = _segmentation_project(ls_server, samples, f"backend rq {queue_name}")
         # Label Studio checks /health and /setup (with basic auth) and creates the /webhook
-        admin.connect_ml_backend(client, pid, backend.url, basic_auth=AUTH)
+        connect_ml_backend(client, pid, backend.url, basic_auth=AUTH)
         hooks = [h for h in client.webhooks.list(project=str(pid)) if h.url == backend.url + "/webhook"]
         assert len(hooks) == 1 and hooks[0].headers.get("Authorization", "").startswith("Basic ")
 
@@ -264,7 +265,7 @@ def test_in_process_mode_burst_of_annotations_is_one_fine_tune(
 ) -> None:
     backend = start_backend(None, MADSEG_JOB_DELAY="3")
     client, pid = _segmentation_project(ls_server, samples, f"backend in-process {uuid.uuid4().hex[:8]}")
-    admin.connect_ml_backend(client, pid, backend.url)
+    connect_ml_backend(client, pid, backend.url)
     base = _predict(backend, client, pid)["model_version"]
 
     _annotate_all(client, pid, samples)

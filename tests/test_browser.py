@@ -14,9 +14,9 @@ from PIL import Image
 
 from ml_backend.classes import IGNORE_INDEX, voc_palette
 from ml_backend.imageio import read_mask, read_rgb
+from ml_backend.labelstudio.client import connect
 from ml_backend.shared import REPO_ROOT, shared_dir
 from projects import admin
-from projects.client import connect
 from tests.chromium import Chromium, find_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]

@@ -13,10 +13,11 @@ import pytest
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask, write_mask
+from ml_backend.labelstudio.client import LabelStudioUnreachable, connect
+from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import RLEError, decode, encode
 from ml_backend.shared import shared_dir
 from projects import admin, configs
-from projects.client import LabelStudioUnreachable, connect
 from projects.mos import choose_lowest, mean_opinion_scores
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -325,4 +326,4 @@ def test_connect_dead_ml_backend_is_clear(client, projects_):
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(MadsegError, match=f"ML backend {url}"):
-        admin.connect_ml_backend(client, projects_.segmentation, url)
+        connect_ml_backend(client, projects_.segmentation, url)

@@ -5,15 +5,20 @@ Label Studio calls ``/health`` and ``/setup`` when a backend is added and auto-c
 ML calls, but the auto-created webhook carries no credentials, so a backend that requires basic
 auth would refuse every webhook (401). :func:`connect_backend` therefore also puts an
 ``Authorization`` header on that webhook. Idempotent: re-running reuses the existing connection.
+
+:func:`connect_ml_backend` does the same through a :class:`.client.LabelStudioClient` (retries).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import MadsegError
+from ..errors import MadsegError
+
+if TYPE_CHECKING:
+    from .client import LabelStudioClient
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,8 @@ def connect_backend(
 ) -> int:
     """Connect the backend at ``url`` to project ``project_id``; returns the ML backend id.
 
-    ``ls`` is a ``label_studio_sdk.LabelStudio`` client (e.g. from ``projects.client``). With
-    ``basic_auth`` = (user, password) Label Studio uses the credentials for its calls to the backend
+    ``ls`` is a ``label_studio_sdk.LabelStudio`` client (e.g. ``LabelStudioClient.sdk``, :mod:`.client`).
+    With ``basic_auth`` = (user, password) Label Studio uses the credentials for its calls to the backend
     and the auto-created ``/webhook`` gets the matching ``Authorization`` header.
     Raises :class:`MadsegError` when Label Studio cannot reach or set up the backend.
     """
@@ -77,3 +82,11 @@ def connect_backend(
         ) from None
     log.info("ML backend %s connected to project %d (ml backend id %d)", url, project_id, ml_id)
     return ml_id
+
+
+def connect_ml_backend(
+    client: LabelStudioClient, project_id: int, url: str, basic_auth: tuple[str, str] | None = None
+) -> int:
+    """Connect the ML backend at ``url`` to the project (idempotent, with retries); the ML backend id."""
+    return client.call(f"connecting ML backend {url} to project {project_id}",
+                       lambda: connect_backend(client.sdk, project_id, url, basic_auth=basic_auth))

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MadsegError
-from .imageio import decode_rgb, read_rgb
+from ..errors import MadsegError
+from ..imageio import decode_rgb, read_rgb
 
 #: Refuse downloads larger than this (bytes).
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024

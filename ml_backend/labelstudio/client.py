@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ml_backend.errors import MadsegError
+from ..errors import MadsegError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
