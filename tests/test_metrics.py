@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from ml_backend.metrics import confusion_matrix, dataset_miou, iou_per_class, miou_from_confusion
+from ml_backend.metrics import (
+    confusion_matrix,
+    dataset_miou,
+    gt_class_miou,
+    iou_per_class,
+    miou_from_confusion,
+)
 
 
 def test_confusion_matrix_counts_rows_gt_cols_pred() -> None:
@@ -77,3 +83,29 @@ def test_values_outside_range_are_skipped_and_shapes_checked() -> None:
     assert confusion_matrix(pred, gt, 21).sum() == 1
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 21)
+
+
+def test_gt_class_miou_ignores_a_spurious_predicted_class() -> None:
+    """The issue's case: a spurious "sheep" (17) blob on a cow (10) image of a tiny set."""
+    gt = np.zeros((100, 100), np.uint8)
+    gt[20:80, 20:80] = 10  # cow, 3600 pixels
+    pred = gt.copy()
+    pred[20:30, 20:80] = 17  # 600 cow pixels predicted as sheep
+    cm = confusion_matrix(pred, gt, 21)
+    ious = iou_per_class(cm)
+    # background: 6400/6400 = 1; cow: 3000/3600; sheep: 0 (only predicted)
+    assert ious[17] == 0.0
+    assert miou_from_confusion(cm) == pytest.approx((1 + 3000 / 3600 + 0) / 3)
+    assert gt_class_miou(cm) == pytest.approx((1 + 3000 / 3600) / 2)
+    # the clean prediction: both definitions agree
+    clean = confusion_matrix(gt, gt, 21)
+    assert gt_class_miou(clean) == miou_from_confusion(clean) == 1.0
+
+
+def test_gt_class_miou_counts_a_missed_gt_class_as_zero() -> None:
+    gt = np.array([[0, 0], [5, 5]])
+    pred = np.zeros((2, 2), np.int64)
+    cm = confusion_matrix(pred, gt, 8)
+    # background: tp 2, fp 2 -> 0.5 ; class 5: in GT, never predicted -> 0
+    assert gt_class_miou(cm) == pytest.approx(0.25)
+    assert gt_class_miou(np.zeros((8, 8), np.int64)) == 0.0
