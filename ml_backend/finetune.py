@@ -44,7 +44,8 @@ from .atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from .classes import IGNORE_INDEX
 from .datasets import LabelledFolder, SegmentationTrainSet, UnlabelledTrainSet, read_pair, unlabelled_images
 from .errors import MadsegError
-from .evaluate import evaluate
+from .evaluate import evaluate_confusion
+from .metrics import gt_class_miou, iou_per_class, miou_from_confusion
 from .zoo.base import ModelSpec, SegmentationModel, TorchSegmentationModel, parse_size
 from .zoo.checkpoints import sidecar_path
 
@@ -495,14 +496,15 @@ def finetune(
                                "checkpoint": str(weights), "seconds": round(time.time() - t0, 1)}
         if val is not None:
             tuned = _load_result(spec, weights, model.device)
-            miou, per_class = evaluate(tuned, val, cfg.eval_batch_size, progress=progress,
-                                       desc=f"val lr={lr:g}")
-            run.update(val_miou=miou, val_per_class=[None if np.isnan(v) else float(v) for v in per_class])
+            cm = evaluate_confusion(tuned, val, cfg.eval_batch_size, progress=progress, desc=f"val lr={lr:g}")
+            per_class = iou_per_class(cm)
+            run.update(val_miou=miou_from_confusion(cm), val_gt_miou=gt_class_miou(cm),
+                       val_per_class=[None if np.isnan(v) else float(v) for v in per_class])
         atomic_write_json(result_file, run)
         (run_dir / "state.pt").unlink(missing_ok=True)
         runs.append(run)
 
-    best = max(runs, key=lambda r: r.get("val_miou", -1.0)) if val is not None else runs[0]
+    best = max(runs, key=lr_choice_score) if val is not None else runs[0]
     final = out / CHECKPOINT_NAME
     chosen = Path(best["checkpoint"])
     tuned = _load_result(spec, chosen, model.device)
@@ -513,9 +515,11 @@ def finetune(
         "lr": best["lr"],
         "metrics": {
             "val_miou": best.get("val_miou"),
+            "val_gt_miou": best.get("val_gt_miou"),
             "val_per_class": best.get("val_per_class"),
             "train_loss": best["train_loss"],
-            "runs": [{"lr": r["lr"], "val_miou": r.get("val_miou"), "final_train_loss": r["train_loss"][-1]}
+            "runs": [{"lr": r["lr"], "val_miou": r.get("val_miou"), "val_gt_miou": r.get("val_gt_miou"),
+                      "final_train_loss": r["train_loss"][-1]}
                      for r in runs],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -533,6 +537,14 @@ def finetune(
         spec=ModelSpec(spec.name, str(final), dict(spec.options)),
         runs=runs,
     )
+
+
+def lr_choice_score(run: dict[str, Any]) -> float:
+    """How a learning rate's run is ranked on ``val`` (T(0)): its ground-truth-class mIoU
+    (:func:`ml_backend.metrics.gt_class_miou`), which one spurious predicted class on a small T(0)
+    cannot swing; runs recorded before that metric existed fall back to their standard mIoU."""
+    score = run.get("val_gt_miou", run.get("val_miou"))
+    return -1.0 if score is None else float(score)
 
 
 def _jsonable_config(cfg: FinetuneConfig) -> dict[str, Any]:
