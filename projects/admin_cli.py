@@ -96,9 +96,9 @@ def cmd_connect_backend(args: argparse.Namespace) -> int:
 
 
 def _candidates(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from .admin import read_candidates
+    from sampler.candidates import read_candidates
 
-    cands = read_candidates(args.candidates)
+    cands = [c.to_dict() for c in read_candidates(args.candidates)]
     wanted = _ids(args.ids, args.ids_file)
     if wanted is not None:
         by_id = {c["id"]: c for c in cands}

@@ -410,7 +410,8 @@ def _predict_to(model_spec: Mapping[str, Any], pairs: Sequence[tuple[Path, Path]
 
 
 def _galleries(runner: Any, models: list[ModelEntry], sets: list[TestSet], n: int = 8) -> dict[str, Any]:
-    from .rounds import read_candidates
+    from sampler.candidates import read_candidates
+
     from .state import RoundState, round_dir
 
     exp = runner.exp
@@ -421,26 +422,26 @@ def _galleries(runner: Any, models: list[ModelEntry], sets: list[TestSet], n: in
         rd = round_dir(exp.dir, 1)
         cands = read_candidates(rd / "candidates.jsonl")[:n]
         score = st1.outputs("score")
-        comp_maps = {key: _write_store_maps(runner.store_dir, v, [c["id"] for c in cands],
+        comp_maps = {key: _write_store_maps(runner.store_dir, v, [c.id for c in cands],
                                             base / "report-assets" / key)
                      for key, v in score["competitor_versions"].items()}
         for c in cands:
-            sel = c["selections"][0] if c["selections"] else {}
+            sel = c.selections[0].to_dict() if c.selections else {}
             panels = [{"title": "photo", "mask": None},
-                      {"title": "target f(0)", "mask": str(rd / "pred" / f"{c['id']}.png")}]
-            panels += [{"title": key, "mask": maps.get(c["id"])} for key, maps in comp_maps.items()]
+                      {"title": "target f(0)", "mask": str(rd / "pred" / f"{c.id}.png")}]
+            panels += [{"title": key, "mask": maps.get(c.id)} for key, maps in comp_maps.items()]
             out["candidates"].append({
-                "image": c["path"], "image_id": c["id"],
+                "image": c.path, "image_id": c.id,
                 "caption": f"{sel.get('class', '')} vs {sel.get('competitor', '')} "
                            f"(d = {sel.get('distance', 0):.2f})", "panels": panels})
     if st1.done("choose"):
         rd = round_dir(exp.dir, 1)
         ratings = json.loads((rd / "ratings.json").read_text())
-        cands = {c["id"]: c for c in read_candidates(rd / "candidates.jsonl")}
+        cands = {c.id: c for c in read_candidates(rd / "candidates.jsonl")}
         for iid in st1.outputs("choose")["S"][:n]:
             mos = ratings["mos"].get(iid)
             out["lowest_rated"].append({
-                "image": cands[iid]["path"], "image_id": iid, "caption": f"MOS {mos:.2f}" if mos else "",
+                "image": cands[iid].path, "image_id": iid, "caption": f"MOS {mos:.2f}" if mos else "",
                 "panels": [{"title": "photo", "mask": None},
                            {"title": "target f(0)", "mask": str(rd / "pred" / f"{iid}.png")}]})
     targets = [m for m in models if m.role == "target"]
@@ -468,9 +469,9 @@ def evaluate_experiment(
     """Evaluate every model on every test set of the experiment and write ``results.json``
     (the structure :mod:`projects.report` renders). Returns the results dict."""
     from ml_backend.atomic import atomic_write_json
+    from sampler.candidates import read_candidates
 
     from .report import count_failures, stage_times
-    from .rounds import read_candidates
     from .state import RoundState, round_dir
 
     exp = runner.exp
@@ -499,8 +500,8 @@ def evaluate_experiment(
                 if label == "round":
                     cands = read_candidates(round_dir(root, i) / "candidates.jsonl")
                     for c in cands:
-                        image_classes.setdefault(c["id"], sorted({s["class"] for s in c["selections"]}))
-                    groups[f"M({i})"] = [c["id"] for c in cands]
+                        image_classes.setdefault(c.id, sorted({s.cls for s in c.selections}))
+                    groups[f"M({i})"] = [c.id for c in cands]
             if st.done("ratings"):
                 row["OOD"] = st.outputs("ratings").get("n_ood")
             if st.done("choose"):

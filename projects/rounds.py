@@ -47,8 +47,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ml_backend.atomic import atomic_write_json, atomic_write_text
+from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
+from sampler.candidates import Candidate, read_candidates
 
 from .experiment import ExperimentConfig, ModelConfig
 from .state import RoundState, round_dir
@@ -299,7 +300,7 @@ class RoundRunner:
         mos = {k: (float("inf") if v is None else float(v)) for k, v in ratings["mos"].items()}
         ood = sorted(k for k, v in ratings["ood"].items() if v)
         if plan.kind == "entropy":
-            ent = {c["id"]: float(c.get("entropy", 0.0)) for c in cands}
+            ent = {c.id: float(c.entropy or 0.0) for c in cands}
             s_ids = top_by_score(ent, plan.n4, exclude=[*ood, *plan.used])
         else:
             s_ids = lowest_mos(mos, plan.n4, exclude=sorted(plan.used)) if plan.n4 else []
@@ -312,7 +313,7 @@ class RoundRunner:
 
     def _stage_push_segmentation(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ch = st.outputs("choose")
-        cands = {c["id"]: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        cands = {c.id: c for c in read_candidates(plan.dir / "candidates.jsonl")}
         ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
         pid = int(st.outputs("projects")["segmentation"])
         version = st.outputs("score")["target_version"]
@@ -321,7 +322,7 @@ class RoundRunner:
 
     def _stage_masks(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ch = st.outputs("choose")
-        cands = {c["id"]: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        cands = {c.id: c for c in read_candidates(plan.dir / "candidates.jsonl")}
         ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
         pid = int(st.outputs("projects")["segmentation"])
         exported = self.services.wait_masks(plan, pid, [cands[k] for k in ids], plan.dir / "labels",
@@ -394,38 +395,6 @@ def _plan_json(plan: RoundPlan) -> dict[str, Any]:
         "test_size": plan.test_size, "finetune": plan.finetune, "title": plan.title,
         "used": sorted(plan.used), "lwf_variant": plan.lwf_variant,
     }
-
-
-# ==============================================================================================
-# candidates.jsonl
-# ==============================================================================================
-
-
-def read_candidates(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The candidates of a round: one JSON object per line with at least ``id`` and ``path``."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MadsegError(f"{path}: no candidates file; re-run the round's select stage") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MadsegError(f"{path}:{n}: not valid JSON ({exc.msg}); re-run the select stage") from None
-        if not isinstance(rec, dict) or "id" not in rec or "path" not in rec:
-            raise MadsegError(f"{path}:{n}: a candidate needs 'id' and 'path'")
-        out.append(rec)
-    return out
-
-
-def write_candidates(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> Path:
-    """Write candidates (one JSON object per line) atomically."""
-    text = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in records)
-    return atomic_write_text(path, text)
 
 
 # ==============================================================================================
@@ -525,87 +494,44 @@ class Services:
                                              class_names=self.exp.classes)
         return self._bounds
 
-    def _pool_arrays(self, scored: Mapping[str, Any], exclude: frozenset[str]) -> dict[str, Any]:
-        """Aligned arrays of the images scored by every model (minus ``exclude``)."""
-        import numpy as np
+    def _selection_inputs(self, scored: Mapping[str, Any]) -> Any:
+        """The sampler's selection arrays for the round's target and competitors (by version)."""
+        from sampler.candidates import load_selection_inputs
 
-        from sampler.store import read_areas, read_distances
-
-        ids, t_areas, ent = read_areas(self.store_dir, scored["target_version"])
-        keep = {str(k) for k in ids.tolist()} - set(exclude)
-        comp = []
-        for key, cv in scored["competitor_versions"].items():
-            cids, careas, _ = read_areas(self.store_dir, cv)
-            dids, dist = read_distances(self.store_dir, scored["target_version"], cv,
-                                        self.exp.selection.metric)
-            comp.append((key, dict(zip(cids.tolist(), careas, strict=True)),
-                         dict(zip(dids.tolist(), dist.tolist(), strict=True))))
-            keep &= set(cids.tolist()) & set(dids.tolist())
-        order = [k for k in ids.tolist() if k in keep]
-        index = {k: n for n, k in enumerate(ids.tolist())}
-        rows = np.array([index[k] for k in order], dtype=np.int64)
-        return {
-            "ids": order,
-            "target_areas": t_areas[rows] if len(rows) else np.zeros((0, self.exp.num_classes), np.float32),
-            "entropy": ent[rows] if len(rows) else np.zeros(0),
-            "competitor_keys": [k for k, _, _ in comp],
-            "competitor_areas": np.stack([np.stack([a[k] for k in order]) if order
-                                          else np.zeros((0, self.exp.num_classes), np.float32)
-                                          for _, a, _ in comp]),
-            "distances": np.array([[d[k] for k in order] for _, _, d in comp], dtype=np.float64),
-        }
+        return load_selection_inputs(self.store_dir, scored["target_version"],
+                                     list(scored["competitor_versions"].values()), self.exp.selection.metric)
 
     def select_mad(self, plan: RoundPlan, scored: Mapping[str, Any]) -> dict[str, Any]:
-        """M = MAD candidates of ``plan.target`` vs the competitors -> candidates.jsonl."""
-        from sampler.select import mad_select, records_by_image
-        from sampler.store import image_paths
+        """M = MAD candidates of ``plan.target`` vs the competitors (minus ``plan.used``) ->
+        candidates.jsonl, by the sampler's entry point (the same file ``madseg select`` writes)."""
+        from sampler.candidates import select_candidates, write_candidates
 
-        arr = self._pool_arrays(scored, plan.used)
-        records = mad_select(arr["target_areas"], arr["competitor_areas"], arr["distances"], self.bounds(),
-                             self.exp.selection.n3)
-        by_image = records_by_image(records)
-        order = sorted(by_image, key=lambda i: (min(r.rank for r in by_image[i]), -max(r.distance for r in
-                                                                                      by_image[i]), i))
-        ids = [arr["ids"][i] for i in order]
-        paths = image_paths(self.store_dir, ids)
-        cands = []
-        for i, iid, path in zip(order, ids, paths, strict=True):
-            if path is None:
-                continue
-            sel = [{"competitor": arr["competitor_keys"][r.competitor], "class": self.exp.classes[r.cls],
-                    "partition": r.partition, "distance": round(r.distance, 6), "rank": r.rank}
-                   for r in by_image[i]]
-            cands.append({"id": iid, "path": path, "selections": sel,
-                          "target_areas": [round(float(a), 6) for a in arr["target_areas"][i]],
-                          "entropy": float(arr["entropy"][i])})
+        inp = self._selection_inputs(scored).without(plan.used)
+        cands = select_candidates(self.store_dir, bounds=self.bounds(), n3=self.exp.selection.n3, inputs=inp,
+                                  competitor_names=list(scored["competitor_versions"]))
         write_candidates(plan.dir / "candidates.jsonl", cands)
-        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "n_records": len(records),
-                "pool_size": len(arr["ids"])}
+        return {"candidates": "candidates.jsonl", "n_candidates": len(cands),
+                "n_records": sum(len(c.selections) for c in cands), "pool_size": int(inp.ids.size)}
 
     def select_entropy(self, plan: RoundPlan, scored: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """The ``n`` images with the largest mean entropy of ``plan.target`` -> candidates.jsonl."""
-        from sampler.baselines import entropy_select
-        from sampler.store import image_paths
+        """The ``n`` images with the largest mean entropy of ``plan.target`` (minus ``plan.used``)
+        -> candidates.jsonl."""
+        from sampler.candidates import entropy_candidates, write_candidates
 
-        arr = self._pool_arrays(scored, plan.used)
-        picked = entropy_select(arr["entropy"], n).tolist()
-        ids = [arr["ids"][i] for i in picked]
-        cands = [{"id": iid, "path": p, "selections": [],
-                  "target_areas": [round(float(a), 6) for a in arr["target_areas"][i]],
-                  "entropy": float(arr["entropy"][i])}
-                 for i, iid, p in zip(picked, ids, image_paths(self.store_dir, ids), strict=True) if p]
+        inp = self._selection_inputs(scored).without(plan.used)
+        cands = entropy_candidates(self.store_dir, n, inputs=inp)
         write_candidates(plan.dir / "candidates.jsonl", cands)
-        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "pool_size": len(arr["ids"])}
+        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "pool_size": int(inp.ids.size)}
 
-    def choose_test(self, plan: RoundPlan, cands: Sequence[Mapping[str, Any]], *, ood: Sequence[str],
+    def choose_test(self, plan: RoundPlan, cands: Sequence[Candidate], *, ood: Sequence[str],
                     used: set[str]) -> dict[str, Any]:
         """T from the candidates by ``projects.testset`` (main class from the target's areas)."""
         import numpy as np
 
         from .testset import choose_test_set, main_classes
 
-        ids = [c["id"] for c in cands]
-        areas = np.array([c["target_areas"] for c in cands], dtype=np.float64).reshape(len(cands), -1)
+        ids = [c.id for c in cands]
+        areas = np.array([c.target_areas for c in cands], dtype=np.float64).reshape(len(cands), -1)
         mc = main_classes(areas) if len(cands) else np.zeros(0, np.int64)
         choice = choose_test_set(ids, mc, ood=ood, used=used, size=plan.test_size,
                                  max_per_class=self.exp.selection.max_per_class,
@@ -613,7 +539,7 @@ class Services:
         return choice.to_dict()
 
     # -- predictions of the round's target on the candidates -------------------------------------
-    def predict_candidates(self, plan: RoundPlan, cands: Sequence[Mapping[str, Any]],
+    def predict_candidates(self, plan: RoundPlan, cands: Sequence[Candidate],
                            out: Path) -> dict[str, Any]:
         """f's label map of each candidate at its original size -> ``out/<id>.png`` (skips done)."""
         from tqdm import tqdm
@@ -621,16 +547,16 @@ class Services:
         from ml_backend.imageio import read_rgb, write_mask
         from ml_backend.zoo import load_model_spec
 
-        todo = [c for c in cands if not (out / f"{c['id']}.png").exists()]
+        todo = [c for c in cands if not (out / f"{c.id}.png").exists()]
         if todo:
             model = load_model_spec(dict(plan.target), device=self.options.device)
             bs = 4
             for start in tqdm(range(0, len(todo), bs), desc=f"predict {plan.target_key}", unit="batch",
                               disable=not self.options.progress):
                 chunk = todo[start:start + bs]
-                preds = model.predict([read_rgb(c["path"]) for c in chunk], batch_size=bs)
+                preds = model.predict([read_rgb(c.path) for c in chunk], batch_size=bs)
                 for c, p in zip(chunk, preds, strict=True):
-                    write_mask(out / f"{c['id']}.png", p)
+                    write_mask(out / f"{c.id}.png", p)
         return {"predictions": "pred", "n": len(cands), "computed": len(todo)}
 
     # -- Label Studio ----------------------------------------------------------------------------
@@ -670,16 +596,16 @@ class Services:
                 log.warning("ML backend %s not connected to project %d: %s", url, pids.segmentation, exc)
         return out
 
-    def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
+    def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
                     pred_dir: Path) -> dict[str, Any]:
         from .admin import push_rating_tasks
 
-        res = push_rating_tasks(self.client(), pid, cands, predictions=pred_dir,
+        res = push_rating_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                 overlay_dir=plan.dir / "overlays", document_root=self.exp.document_root(),
                                 num_classes=self.exp.num_classes, progress=self.options.progress)
         return res.to_dict()
 
-    def _oracle_images(self, cands: Sequence[Mapping[str, Any]], pred_dir: Path) -> dict[str, Any]:
+    def _oracle_images(self, cands: Sequence[Candidate], pred_dir: Path) -> dict[str, Any]:
         from ml_backend.imageio import read_mask
 
         from .oracle import OracleImage
@@ -689,7 +615,7 @@ class Services:
         def loader(p: Path) -> Callable[[], Any]:
             return lambda: read_mask(p, c)
 
-        return {x["id"]: OracleImage(x["id"], x["path"], loader(pred_dir / f"{x['id']}.png")) for x in cands}
+        return {x.id: OracleImage(x.id, x.path, loader(pred_dir / f"{x.id}.png")) for x in cands}
 
     def _wait(self, what: str, progress: Callable[[], tuple[int, int]]) -> None:
         """Poll ``progress() -> (done, total)`` with a tqdm bar until done == total."""
@@ -714,7 +640,7 @@ class Services:
                 bar.update(max(0, new - done))
                 done = new
 
-    def wait_ratings(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], pred_dir: Path,
+    def wait_ratings(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate], pred_dir: Path,
                      *, oracle: bool) -> dict[str, Any]:
         """Ratings of every task (the oracle rates first when enabled) -> MOS with the OOD veto."""
         from .admin import collect_ratings, rating_progress
@@ -737,16 +663,16 @@ class Services:
                 "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
                 "ood": {k: v == float("inf") for k, v in mos.items()}}
 
-    def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]],
+    def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
                           pred_dir: Path, model_version: str) -> dict[str, Any]:
         from .admin import push_segmentation_tasks
 
-        res = push_segmentation_tasks(self.client(), pid, cands, predictions=pred_dir,
+        res = push_segmentation_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                       model_version=model_version, classes=list(self.exp.classes),
                                       document_root=self.exp.document_root(), progress=self.options.progress)
         return res.to_dict()
 
-    def wait_masks(self, plan: RoundPlan, pid: int, cands: Sequence[Mapping[str, Any]], out: Path, *,
+    def wait_masks(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate], out: Path, *,
                    oracle: bool) -> dict[str, str]:
         """Masks of every task (the oracle annotator first when enabled), exported to ``out``;
         returns image id -> file stem in ``out``."""
@@ -787,9 +713,9 @@ class Services:
         replay = self.exp.s0.open() if ft.replay else None
         if lwf:
             replay = None
-            unlabelled = [c["path"] for c in read_candidates(plan.dir / "candidates.jsonl")]
+            unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
         elif ft.lwf_weight > 0:
-            unlabelled = [c["path"] for c in read_candidates(plan.dir / "candidates.jsonl")]
+            unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
         res = finetune(model, LabelledFolder(train_dir), out_dir, replay=replay, val=self.exp.t0.open(),
                        unlabelled=unlabelled, config=cfg, progress=self.options.progress)
         return {"spec": res.spec.to_dict(), "version": str(res.version), "lr": float(res.lr),

@@ -1,25 +1,41 @@
-"""Selecting candidates from a score store (I/O around the pure :mod:`sampler.select`).
+"""Candidates: the one ``Candidate`` record, the one ``candidates.jsonl`` schema, and the selections
+over a score store that produce them (I/O around the pure :mod:`sampler.select` /
+:mod:`sampler.baselines`). ``madseg select`` and ``madseg round`` both call these functions, so
+they write the same file.
 
-Python API (what ``madseg select`` and the round orchestrator call):
+``candidates.jsonl`` holds one JSON object per line, in the order raters should see the images
+(``rank`` 1, 2, ...)::
 
+    {"id": str, "path": str, "rank": int, "method": "mad"|"entropy"|"random",
+     "entropy": float|null, "target_areas": [float] * C, "best_rank": int|null,
+     "selections": [{"competitor", "competitor_version", "class", "class_index", "partition",
+                     "distance", "rank"}, ...]}
+
+``selections`` (MAD only) lists the (competitor, class, partition) problems that chose the image,
+ordered by their rank; ``best_rank`` is the smallest of those ranks. :func:`read_candidates`
+accepts any line with ``id`` and ``path`` (the other keys default), so a hand-written file works.
+
+Python API:
+
+- :class:`Candidate`, :class:`Selection`; :func:`read_candidates` / :func:`write_candidates`.
 - ``load_selection_inputs(store_dir, target_version=None, competitor_versions=None, metric="miou")
   -> SelectionInputs``: the arrays ``mad_select`` takes (``ids`` (N,), ``target_areas`` (N, C),
   ``competitor_areas`` (m, N, C), ``distances`` (m, N), ``entropy`` (N,)) over the images scored
   by the target *and* every competitor, sorted by image id (so image index = rank of the id).
   Defaults: the target and competitors of the store's latest ``madseg score`` run.
+  ``SelectionInputs.without(ids)`` leaves images out (e.g. those already labelled).
 - ``select_candidates(store_dir, target_version=None, competitor_versions=None, bounds=None,
-  n3=10, metric="miou") -> list[dict]``: MAD selection; one dict per image of M, ordered by the
-  best rank the image reached: ``{"id", "path", "best_rank", "selections": [{"competitor",
-  "competitor_version", "class", "class_index", "partition", "distance", "rank"}, ...]}`` (the
-  selections of the image ordered by rank). ``bounds`` (C, 2) from :func:`bounds_from_folder`
-  / :func:`sampler.bounds.bounds_from_masks`; None = no size constraint (logged).
-- ``entropy_candidates(store_dir, n, target_version=None)`` / ``random_candidates(store_dir, n,
-  seed=0, target_version=None)`` -> list of ``{"id", "path", "rank", "entropy"}``, over the images
-  the target scored.
+  n3=10, metric="miou", *, inputs=None, exclude=(), competitor_names=None) -> list[Candidate]``:
+  MAD selection, ordered by (best rank, -largest distance, image index). ``bounds`` (C, 2) from
+  :func:`bounds_from_folder` / :func:`sampler.bounds.bounds_from_masks`; None = no size
+  constraint (logged). ``exclude``: image ids that may not be selected.
+- ``entropy_candidates(store_dir, n, target_version=None, *, inputs=None, exclude=())`` /
+  ``random_candidates(store_dir, n, seed=0, target_version=None, *, inputs=None, exclude=())``
+  -> list[Candidate] (without ``inputs``: over every image the target scored).
 - ``bounds_from_folder(folder, num_classes, method="quartiles", min_count=5, class_names=None)``:
   bounds from the label masks of a folder (``<folder>/masks/*.png`` or ``<folder>/*.png``).
-- ``summarize(candidates, method, ...) -> dict`` and ``format_summary(summary) -> str``;
-  ``write_candidates(path, candidates)`` (JSONL, atomic).
+- ``summarize(candidates, method, ...) -> dict``, ``format_summary(summary) -> str``,
+  ``write_summary(path, summary)``.
 """
 
 from __future__ import annotations
@@ -28,14 +44,14 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ml_backend.atomic import atomic_write, atomic_write_json
+from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask
 
@@ -45,6 +61,118 @@ from .select import PARTITIONS, mad_select, records_by_image
 from .store import ScoreStore, open_store
 
 log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("mad", "entropy", "random")
+
+
+# =============================================================================================
+# the record and its file
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One MAD problem that chose an image: competitor ``competitor`` (display name or the round's
+    key; ``competitor_version``), class ``cls`` (name; index ``class_index``), partition
+    (``"target"``/``"competitor"``), the distance and the image's 1-based rank in that problem."""
+
+    competitor: str
+    competitor_version: str | None
+    cls: str
+    class_index: int
+    partition: str
+    distance: float
+    rank: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"competitor": self.competitor, "competitor_version": self.competitor_version,
+                "class": self.cls, "class_index": self.class_index, "partition": self.partition,
+                "distance": self.distance, "rank": self.rank}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Selection:
+        return cls(competitor=str(d.get("competitor", "")), competitor_version=d.get("competitor_version"),
+                   cls=str(d.get("class", "")), class_index=int(d.get("class_index", -1)),
+                   partition=str(d.get("partition", "")), distance=float(d.get("distance", 0.0)),
+                   rank=int(d.get("rank", 0)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One selected image (one line of ``candidates.jsonl``; see the module docstring).
+
+    ``rank``: 1-based position in the order raters should see the candidates (0 = unknown);
+    ``target_areas``: (C,) the target's predicted area fraction per class; ``entropy``: the
+    target's mean per-pixel entropy (None = unknown); ``selections``: MAD problems, by rank.
+    """
+
+    id: str
+    path: str
+    rank: int = 0
+    method: str = "mad"
+    entropy: float | None = None
+    target_areas: tuple[float, ...] = ()
+    selections: tuple[Selection, ...] = ()
+
+    @property
+    def best_rank(self) -> int | None:
+        """The smallest rank among the image's MAD problems (None without selections)."""
+        return min((s.rank for s in self.selections), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "rank": self.rank, "method": self.method,
+                "entropy": self.entropy, "target_areas": list(self.target_areas),
+                "best_rank": self.best_rank, "selections": [s.to_dict() for s in self.selections]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "candidate") -> Candidate:
+        """A candidate from a JSON object; MadsegError naming ``where`` if it lacks ``id``/``path``."""
+        if not isinstance(d, Mapping) or not d.get("id") or not d.get("path"):
+            raise MadsegError(f"{where}: a candidate needs 'id' and 'path'")
+        sels = d.get("selections") or []
+        if not isinstance(sels, list) or not all(isinstance(s, Mapping) for s in sels):
+            raise MadsegError(f"{where}: 'selections' must be a list of objects")
+        ent = d.get("entropy")
+        try:
+            return cls(id=str(d["id"]), path=str(d["path"]), rank=int(d.get("rank") or 0),
+                       method=str(d.get("method") or "mad"), entropy=None if ent is None else float(ent),
+                       target_areas=tuple(float(a) for a in d.get("target_areas") or ()),
+                       selections=tuple(Selection.from_dict(s) for s in sels))
+        except (TypeError, ValueError) as exc:
+            raise MadsegError(f"{where}: malformed candidate ({exc}); regenerate the file") from None
+
+
+def read_candidates(path: str | os.PathLike[str]) -> list[Candidate]:
+    """The candidates of a ``candidates.jsonl`` file, in file order (blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MadsegError(f"{path}: no candidates file; run `madseg select` or the round's select stage") \
+            from None
+    except OSError as exc:
+        raise MadsegError(f"{path}: cannot read candidates ({exc.strerror or exc})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MadsegError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or regenerate the file") from None
+        out.append(Candidate.from_dict(rec, f"{path}:{n}"))
+    return out
+
+
+def write_candidates(path: str | os.PathLike[str], candidates: Sequence[Candidate]) -> Path:
+    """Write the candidates, one JSON object per line (schema in the module docstring), atomically."""
+    text = "".join(json.dumps(c.to_dict()) + "\n" for c in candidates)
+    return atomic_write_text(path, text)
+
+
+# =============================================================================================
+# selection inputs from a score store
+# =============================================================================================
 
 
 @dataclass
@@ -61,6 +189,16 @@ class SelectionInputs:
     competitor_names: list[str]
     class_names: list[str]
     metric: str
+
+    def without(self, exclude: Iterable[str]) -> SelectionInputs:
+        """The same inputs minus the images whose id is in ``exclude``."""
+        ex = {str(e) for e in exclude}
+        if not ex:
+            return self
+        keep = np.array([str(i) not in ex for i in self.ids.tolist()], dtype=bool)
+        return replace(self, ids=self.ids[keep], target_areas=self.target_areas[keep],
+                       competitor_areas=self.competitor_areas[:, keep], distances=self.distances[:, keep],
+                       entropy=self.entropy[keep])
 
 
 def _models_by_version(st: ScoreStore) -> dict[str, dict[str, Any]]:
@@ -168,6 +306,28 @@ def _paths(store_dir: str | os.PathLike[str], ids: Sequence[str]) -> list[str | 
         return [st.image_path(i) for i in ids]
 
 
+def _with_paths(store_dir: str | os.PathLike[str], inp: SelectionInputs, order: Sequence[int]
+                ) -> list[tuple[int, str]]:
+    """(image index, path) for the images of ``order`` that have a known path, in order."""
+    ids = [str(inp.ids[i]) for i in order]
+    out = []
+    for i, iid, p in zip(order, ids, _paths(store_dir, ids), strict=True):
+        if p is None:
+            log.warning("image %s has no known path in the store; left out of the candidates", iid)
+            continue
+        out.append((int(i), p))
+    return out
+
+
+def _candidate(inp: SelectionInputs, i: int, path: str, rank: int, method: str,
+               selections: Sequence[Selection] = ()) -> Candidate:
+    ent = float(inp.entropy[i])
+    return Candidate(id=str(inp.ids[i]), path=path, rank=rank, method=method,
+                     entropy=None if ent != ent else ent,
+                     target_areas=tuple(round(float(a), 6) for a in inp.target_areas[i]),
+                     selections=tuple(selections))
+
+
 def select_candidates(
     store_dir: str | os.PathLike[str],
     target_version: str | None = None,
@@ -177,11 +337,21 @@ def select_candidates(
     metric: str = "miou",
     *,
     inputs: SelectionInputs | None = None,
-) -> list[dict[str, Any]]:
-    """MAD candidates from the store (see the module docstring for the dict format)."""
+    exclude: Iterable[str] = (),
+    competitor_names: Sequence[str] | None = None,
+) -> list[Candidate]:
+    """MAD candidates from the store, ordered for the raters (see the module docstring).
+
+    ``competitor_names`` (one per competitor) replaces the store's display names in the records
+    (the round uses its competitor keys).
+    """
     if n3 < 1:
         raise MadsegError(f"--n3 must be >= 1, got {n3}")
     inp = inputs or load_selection_inputs(store_dir, target_version, competitor_versions, metric)
+    inp = inp.without(exclude)
+    names = list(competitor_names) if competitor_names is not None else inp.competitor_names
+    if len(names) != len(inp.competitor_versions):
+        raise MadsegError(f"{len(names)} competitor names for {len(inp.competitor_versions)} competitors")
     c = inp.target_areas.shape[1]
     if bounds is None:
         log.warning("no size bounds given: every predicted class area in (0, 1] is eligible")
@@ -191,69 +361,53 @@ def select_candidates(
         raise MadsegError(f"bounds must have shape ({c}, 2) for {c} classes, got {bounds.shape}")
     records = mad_select(inp.target_areas, inp.competitor_areas, inp.distances, bounds, n3)
     groups = records_by_image(records)
-    ids = [str(inp.ids[i]) for i in groups]
-    paths = _paths(store_dir, ids)
+    order = sorted(groups, key=lambda i: (groups[i][0].rank, -max(r.distance for r in groups[i]), i))
     out = []
-    for (_img, recs), iid, path in zip(groups.items(), ids, paths, strict=True):
-        out.append({
-            "id": iid,
-            "path": path,
-            "best_rank": recs[0].rank,
-            "selections": [
-                {
-                    "competitor": inp.competitor_names[r.competitor],
-                    "competitor_version": inp.competitor_versions[r.competitor],
-                    "class": inp.class_names[r.cls],
-                    "class_index": r.cls,
-                    "partition": r.partition,
-                    "distance": r.distance,
-                    "rank": r.rank,
-                }
-                for r in recs
-            ],
-        })
+    for i, path in _with_paths(store_dir, inp, order):
+        sels = [Selection(competitor=names[r.competitor],
+                          competitor_version=inp.competitor_versions[r.competitor],
+                          cls=inp.class_names[r.cls], class_index=r.cls, partition=r.partition,
+                          distance=r.distance, rank=r.rank) for r in groups[i]]
+        out.append(_candidate(inp, i, path, len(out) + 1, "mad", sels))
     return out
 
 
 def target_pool(
     store_dir: str | os.PathLike[str], target_version: str | None = None
-) -> tuple[str, np.ndarray, np.ndarray]:
-    """``(target_version, ids (N,), entropy (N,))`` of the images the target scored, by id."""
-    with open_store(store_dir) as st:
-        tv, _ = _default_versions(st, target_version, [])
-        ids, _, ent = st.read_areas(tv)
-    return tv, ids, ent
+) -> SelectionInputs:
+    """The selection inputs of the images the target scored (no competitors): for entropy/random."""
+    return load_selection_inputs(store_dir, target_version, [])
 
 
 def entropy_candidates(
-    store_dir: str | os.PathLike[str], n: int, target_version: str | None = None
-) -> list[dict[str, Any]]:
-    """Top-``n`` images by the target's mean per-pixel entropy (largest first)."""
-    tv, ids, ent = target_pool(store_dir, target_version)
-    if np.isnan(ent).any():
+    store_dir: str | os.PathLike[str], n: int, target_version: str | None = None, *,
+    inputs: SelectionInputs | None = None, exclude: Iterable[str] = (),
+) -> list[Candidate]:
+    """Top-``n`` images by the target's mean per-pixel entropy (largest first), minus ``exclude``."""
+    inp = (inputs or target_pool(store_dir, target_version)).without(exclude)
+    if np.isnan(inp.entropy).any():
         raise MadsegError(
-            f"{int(np.isnan(ent).sum())} images have no entropy for {tv} (it was scored as a competitor); "
-            f"run `madseg score` with it as --target first"
+            f"{int(np.isnan(inp.entropy).sum())} images have no entropy for {inp.target_version} (it was "
+            f"scored as a competitor); run `madseg score` with it as --target first"
         )
-    idx = entropy_select(ent, n)
-    paths = _paths(store_dir, [str(ids[i]) for i in idx])
-    return [{"id": str(ids[i]), "path": p, "rank": r + 1, "entropy": float(ent[i])}
-            for r, (i, p) in enumerate(zip(idx.tolist(), paths, strict=True))]
+    idx = entropy_select(inp.entropy, n).tolist()
+    picked = _with_paths(store_dir, inp, idx)
+    return [_candidate(inp, i, p, r + 1, "entropy") for r, (i, p) in enumerate(picked)]
 
 
 def random_candidates(
-    store_dir: str | os.PathLike[str], n: int, seed: int = 0, target_version: str | None = None
-) -> list[dict[str, Any]]:
-    """``n`` images drawn uniformly (seeded) from those the target scored."""
-    _, ids, ent = target_pool(store_dir, target_version)
-    idx = random_select(ids.size, n, seed)
-    paths = _paths(store_dir, [str(ids[i]) for i in idx])
-    return [{"id": str(ids[i]), "path": p, "rank": r + 1, "entropy": float(ent[i])}
-            for r, (i, p) in enumerate(zip(idx.tolist(), paths, strict=True))]
+    store_dir: str | os.PathLike[str], n: int, seed: int = 0, target_version: str | None = None, *,
+    inputs: SelectionInputs | None = None, exclude: Iterable[str] = (),
+) -> list[Candidate]:
+    """``n`` images drawn uniformly (seeded) from those the target scored, minus ``exclude``."""
+    inp = (inputs or target_pool(store_dir, target_version)).without(exclude)
+    idx = random_select(inp.ids.size, n, seed).tolist()
+    picked = _with_paths(store_dir, inp, idx)
+    return [_candidate(inp, i, p, r + 1, "random") for r, (i, p) in enumerate(picked)]
 
 
 def summarize(
-    candidates: list[dict[str, Any]], method: str, *, pool_size: int, n3: int | None = None,
+    candidates: Sequence[Candidate], method: str, *, pool_size: int, n3: int | None = None,
     competitor_names: Sequence[str] = (), class_names: Sequence[str] = (),
     bounds: np.ndarray | None = None, metric: str | None = None, target_version: str | None = None,
     competitor_versions: Sequence[str] = (),
@@ -270,11 +424,11 @@ def summarize(
     parts: Counter[tuple[str, str, str]] = Counter()
     per_image = Counter()
     for cand in candidates:
-        per_image[len(cand["selections"])] += 1
-        for s in cand["selections"]:
-            counts.setdefault(s["competitor"], {}).setdefault(s["class"], 0)
-            counts[s["competitor"]][s["class"]] += 1
-            parts[(s["competitor"], s["class"], s["partition"])] += 1
+        per_image[len(cand.selections)] += 1
+        for s in cand.selections:
+            counts.setdefault(s.competitor, {}).setdefault(s.cls, 0)
+            counts[s.competitor][s.cls] += 1
+            parts[(s.competitor, s.cls, s.partition)] += 1
     summary.update({
         "n3": n3, "metric": metric, "competitor_versions": list(competitor_versions),
         "counts": counts,
@@ -309,15 +463,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             str(counts[c].get(k, 0)).rjust(w) for c, w in zip(comps, cw, strict=True)))
     lines.append(f"|M| = {summary['selected']}; chosen by several problems: {summary['chosen_by_several']}")
     return "\n".join(lines)
-
-
-def write_candidates(path: str | os.PathLike[str], candidates: list[dict[str, Any]]) -> Path:
-    """Write one JSON object per line, atomically."""
-    def write(fh: Any) -> None:
-        for c in candidates:
-            fh.write((json.dumps(c) + "\n").encode("utf-8"))
-
-    return atomic_write(path, write)
 
 
 def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path:

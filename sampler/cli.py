@@ -165,12 +165,13 @@ def cmd_select(args: argparse.Namespace) -> int:
         n = args.n
         if n is None:
             raise MadsegError(f"--method {args.method} needs --n (how many images to select)")
+        inp = cand.target_pool(args.store, args.target_version)
         if args.method == "entropy":
-            result = cand.entropy_candidates(args.store, n, args.target_version)
+            result = cand.entropy_candidates(args.store, n, inputs=inp)
         else:
-            result = cand.random_candidates(args.store, n, args.seed, args.target_version)
-        tv, ids, _ = cand.target_pool(args.store, args.target_version)
-        summary = cand.summarize(result, args.method, pool_size=int(ids.size), target_version=tv)
+            result = cand.random_candidates(args.store, n, args.seed, inputs=inp)
+        summary = cand.summarize(result, args.method, pool_size=int(inp.ids.size),
+                                 target_version=inp.target_version)
     cand.write_candidates(args.out, result)
     cand.write_summary(summary_path, summary)
     print(cand.format_summary(summary))

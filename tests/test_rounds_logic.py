@@ -22,11 +22,10 @@ from projects.rounds import (
     RoundRunner,
     RunOptions,
     lowest_mos,
-    read_candidates,
     top_by_score,
-    write_candidates,
 )
 from projects.state import RoundState
+from sampler.candidates import Candidate, Selection, read_candidates, write_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "projects" / "templates" / "demo.toml"
@@ -44,9 +43,14 @@ def test_top_by_score() -> None:
 
 
 def test_candidates_round_trip_and_errors(tmp_path: Path) -> None:
-    recs = [{"id": "b", "path": "/p/b.jpg", "selections": []}, {"id": "a", "path": "/p/a.jpg"}]
+    sel = Selection("tflite", "v1", "cat", 8, "target", 0.5, 1)
+    recs = [Candidate("b", "/p/b.jpg", rank=1, selections=(sel,), target_areas=(0.9, 0.1)),
+            Candidate("a", "/p/a.jpg", rank=2, method="entropy", entropy=1.5)]
     write_candidates(tmp_path / "c.jsonl", recs)
     assert read_candidates(tmp_path / "c.jsonl") == recs
+    # a hand-written file with only id and path reads with the defaults
+    (tmp_path / "min.jsonl").write_text('{"id": "a", "path": "/p/a.jpg", "extra": 1}\n\n')
+    assert read_candidates(tmp_path / "min.jsonl") == [Candidate("a", "/p/a.jpg")]
     (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(MadsegError, match="needs 'id' and 'path'"):
         read_candidates(tmp_path / "bad.jsonl")

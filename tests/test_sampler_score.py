@@ -157,7 +157,7 @@ def test_select_cli_writes_candidates_and_summary(scored, models, tmp_path, caps
     # the Python API gives the same selection
     bounds = np.array([summary["bounds"][k] for k in summary["bounds"]])
     api = cand.select_candidates(store, target.version, [comp.version], bounds, n3=2)
-    assert [c["id"] for c in api] == [c["id"] for c in lines]
+    assert [c.to_dict() for c in api] == lines
     for method in ("entropy", "random"):
         o = tmp_path / f"{method}.jsonl"
         assert madseg_main(["select", "--store", str(store), "--method", method, "--n", "3",
@@ -258,3 +258,54 @@ def test_score_cli_with_toml_config_and_clear_errors(scored, models, pool_list, 
         assert madseg_main(argv) == 2, what
         err = capsys.readouterr().err
         assert what in err and "Traceback" not in err, (what, err)
+
+
+def test_madseg_select_and_the_round_write_the_same_candidates_file(scored, models, tmp_path):
+    """One entry point: the round's select stage and `madseg select` give byte-identical files
+    (same settings: S(0) = voc_samples, n3 = 2), and both exclude what they are told to."""
+    from projects.experiment import load_experiment
+    from projects.rounds import RoundPlan, RunOptions, Services
+
+    store, _ = scored
+    target, comp = models
+    voc = shared_dir() / "data" / "voc_samples"
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(f"""
+[experiment]
+name = "same"
+dir = "{tmp_path / 'exp'}"
+[pool]
+folders = ["{voc / 'images'}"]
+[target]
+name = "espnetv2"
+options = {{ scale = 0.5, input_size = 256 }}
+[[competitors]]
+key = "tflite"
+name = "tflite"
+[s0]
+root = "{voc}"
+subset = "all"
+[t0]
+root = "{voc}"
+[selection]
+n3 = 2
+n4 = 2
+""")
+    exp = load_experiment(cfg)
+    services = Services(exp, RunOptions(progress=False), store, tmp_path / "backend")
+    scored_out = {"target_version": target.version, "competitor_versions": {"tflite": comp.version}}
+    plan = RoundPlan(kind="mad", number=1, root=tmp_path / "exp", target_key="f(0)", target={},
+                     competitors={}, n4=2, test_size=0, finetune=False, title="t")
+    info = services.select_mad(plan, scored_out)
+    cli_out = tmp_path / "cli.jsonl"
+    assert madseg_main(["select", "--store", str(store), "--target-version", target.version,
+                        "--competitor-version", comp.version, "--n3", "2", "--bounds-from", str(voc),
+                        "--out", str(cli_out)]) == 0
+    round_file = plan.dir / "candidates.jsonl"
+    assert info["n_candidates"] > 0
+    assert round_file.read_bytes() == cli_out.read_bytes()
+    # the round leaves out the images it is told to (e.g. S(1..i-1)), and selects again without them
+    first = cand.read_candidates(round_file)[0].id
+    used = RoundPlan(**{**plan.__dict__, "used": frozenset({first}), "number": 2})
+    services.select_mad(used, scored_out)
+    assert first not in {c.id for c in cand.read_candidates(used.dir / "candidates.jsonl")}
