@@ -12,7 +12,8 @@ label-studio-ml 1.0.9's ``api`` module, to work around its quirks):
                               fine-tune (201 with the job id; coalesced into a queued one when there is one),
                               other actions answer 200 ``ignored``; a broken payload answers 400
 ``POST /train``               the pre-webhook training call of old Label Studio versions: queues a fine-tune
-``GET|POST /versions``        fine-tuned versions in the model dir (label-studio-ml's answers 405)
+``GET|POST /versions``        fine-tuned versions in the model dir (label-studio-ml's answers 405);
+                              ``details``: each one's promotion-gate status (promoted/rejected) and reason
 ``GET  /is_training``         queue state (pending / running jobs)
 
 label-studio-ml 1.0.9 quirks handled here: ``START_TRAINING`` is a training event (its
@@ -248,10 +249,15 @@ def create_app(
     @app.route("/versions", methods=["GET", "POST"])
     def versions() -> Any:
         rec = model_cache(config).record()
+        records = list_versions(config.model_dir)
         return jsonify({
-            "versions": [r.version for r in list_versions(config.model_dir)],
+            "versions": [r.version for r in records],
             "current": rec.version if rec else None,
             "model_dir": str(config.model_dir),
+            # every fine-tuned version with the promotion gate's verdict; a rejected one is never served
+            "details": [{"version": r.version, "job_id": r.job_id, "status": r.status, "reason": r.reason,
+                         "n_train": r.n_train, "created_at": r.created_at,
+                         "serving": rec is not None and r.version == rec.version} for r in records],
         })
 
     @app.route("/is_training", methods=["GET"])

@@ -20,7 +20,11 @@ Model directory, queue, fine-tuning:
 ``MADSEG_REPLAY_DIR``       S(0): a labelled folder (images/ + masks/) replayed in every fine-tune
 ``MADSEG_REPLAY_SUBSET``    part of that folder to replay, e.g. ``half0`` (default: all of it)
 ``MADSEG_VAL_DIR``, ``MADSEG_VAL_SUBSET``  T(0): labelled folder that picks the learning rate when the
-                            fine-tune settings give several (``lr_grid``); not needed for one rate
+                            fine-tune settings give several (``lr_grid``) and that the promotion gate
+                            checks forgetting on. Without it no fine-tuned version is promoted (it is
+                            kept and listed as rejected in ``/versions``; the pointer does not move)
+``MADSEG_GATE_OPTIONS``     JSON object of ``ml_backend.gate.GateCriteria`` fields, e.g.
+                            ``{"t0_tolerance": 0.02}`` (default: the gate's defaults, T(0) only)
 ``MADSEG_TRAIN_PROJECTS``   comma-separated Label Studio project ids whose finished masks are added to
                             every fine-tune (e.g. the segmentation projects of earlier rounds)
 ``MADSEG_FINETUNE_OPTIONS`` JSON object of ``ml_backend.finetune.FinetuneConfig`` fields (epochs, ...)
@@ -148,6 +152,7 @@ class BackendConfig:
     val_subset: str | list[str] | None = None
     train_projects: tuple[int, ...] = ()
     finetune_options: dict[str, Any] = field(default_factory=dict)
+    gate_options: dict[str, Any] = field(default_factory=dict)
     job_timeout_s: int = 21600
     start_delay_s: float = 2.0
     train_on_annotation: bool = True
@@ -181,6 +186,7 @@ class BackendConfig:
             "val": {"root": str(self.val_dir), "subset": self.val_subset} if self.val_dir else None,
             "train_projects": list(self.train_projects),
             "finetune_options": self.finetune_options,
+            "gate_options": self.gate_options,
             "device": self.device,
         }
 
@@ -252,6 +258,7 @@ class BackendConfig:
             val_subset=val_subset,
             train_projects=_project_ids(env, "MADSEG_TRAIN_PROJECTS"),
             finetune_options=finetune,
+            gate_options=_json_object(env, "MADSEG_GATE_OPTIONS"),
             job_timeout_s=_int(env, "MADSEG_JOB_TIMEOUT", 21600),
             start_delay_s=_float(env, "MADSEG_JOB_DELAY", 2.0),
             train_on_annotation=env.get("MADSEG_TRAIN_ON_ANNOTATION", "1").strip().lower()

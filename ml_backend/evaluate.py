@@ -48,6 +48,21 @@ def evaluate_confusion(
     Images are streamed in batches (preprocessing in ``num_workers`` DataLoader workers);
     predictions are resized to each image's original size before counting.
     """
+    return per_image_confusions(model, labelled, batch_size, num_workers=num_workers, progress=progress,
+                                desc=desc).sum(axis=0)
+
+
+def per_image_confusions(
+    model: SegmentationModel,
+    labelled: LabelledFolder | Sequence[tuple[Path, Path]],
+    batch_size: int = 8,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Per-image confusion matrices (N, C, C) int64 (rows = ground truth) of ``model`` over a
+    labelled set, in the set's order (what the promotion gate's paired bootstrap needs)."""
     pairs = labelled.pairs if isinstance(labelled, LabelledFolder) else list(labelled)
     c = model.num_classes
     loader = DataLoader(
@@ -56,15 +71,17 @@ def evaluate_confusion(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    cm = np.zeros((c, c), dtype=np.int64)
+    cms = np.zeros((len(pairs), c, c), dtype=np.int64)
+    n = 0
     with tqdm(total=len(pairs), desc=desc or f"eval {model.name}", unit="img", disable=not progress,
               leave=False) as bar:
         for batch, masks in loader:
             preds = model.predict_from_input(batch, [m.shape for m in masks])
             for pred, mask in zip(preds, masks, strict=True):
-                cm += confusion_matrix(pred, mask, c)
+                cms[n] = confusion_matrix(pred, mask, c)
+                n += 1
             bar.update(len(masks))
-    return cm
+    return cms
 
 
 def evaluate(

@@ -31,7 +31,10 @@ The job itself (:func:`run_finetune_job`): exports every finished mask of the pr
 configured target on it (replaying S(0) when configured) with ``ml_backend.finetune``, and only
 then writes the new version and atomically moves ``current.json`` to it. Every job starts from the
 configured target, so repeated jobs do not compound training on the same masks; the newest version
-always reflects all finished masks. A failure is logged, recorded in the job's ``status.json`` and
+always reflects all finished masks. Before the pointer moves, the promotion gate
+(:func:`gate_job_version`) compares the new version with the one served now on T(0); a rejected
+version is kept under ``versions/<job id>/`` with the gate's reasons (listed by ``/versions``) and
+the pointer stays where it was. A failure is logged, recorded in the job's ``status.json`` and
 leaves the serving version unchanged.
 """
 
@@ -54,7 +57,7 @@ from typing import Any, Protocol
 
 from .atomic import atomic_write_json
 from .errors import MadsegError
-from .versions import jobs_dir, new_record, versions_dir, write_pointer
+from .versions import jobs_dir, new_record, read_pointer, record_version, versions_dir, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,67 @@ def _open_labelled(spec: dict[str, Any]) -> Any:
     return LabelledFolder(spec["root"], spec.get("subset"))
 
 
+def gate_job_version(
+    model_dir: Path, target_model: Any, child_spec: dict[str, Any], t0_set: Any, settings: dict[str, Any]
+) -> Any:
+    """The promotion gate (:mod:`ml_backend.gate`) of a webhook fine-tune: the child vs the version
+    served now (the pointer's, else the configured target ``target_model``) on T(0).
+
+    Every finished mask of the project is training data, so this path has no held-out failure
+    images: the gate decides on T(0) alone (``require_failures=False``; ``MADSEG_GATE_OPTIONS`` may
+    change any criterion). Without a T(0) (``MADSEG_VAL_DIR`` / the experiment's ``[t0]``) the
+    version is rejected: nothing is promoted without a check. Returns a ``GateDecision``.
+    """
+    from .evaluate import per_image_confusions
+    from .gate import GateCriteria, decide
+    from .zoo import load_model_spec
+
+    try:
+        criteria = GateCriteria.from_dict({"require_failures": False, **(settings.get("gate_options") or {})})
+    except (TypeError, ValueError) as exc:
+        raise MadsegError(f"MADSEG_GATE_OPTIONS: {exc}") from None
+    if t0_set is None:
+        return decide(None, None, criteria=criteria)
+    current = read_pointer(model_dir)
+    device = settings.get("device")
+    parent = target_model if current is None else load_model_spec(current.spec(), device=device)
+    p_cms = per_image_confusions(parent, t0_set, progress=False)
+    del parent
+    child = load_model_spec(child_spec, device=device)
+    c_cms = per_image_confusions(child, t0_set, progress=False)
+    return decide(p_cms, c_cms, criteria=criteria)
+
+
+def train_gate_publish(
+    job_id: str, model: Any, data_dir: Path, settings: dict[str, Any], *, projects: list[int], n_train: int
+) -> Any:
+    """Fine-tune ``model`` (the configured target) on the labelled folder ``data_dir``, gate the new
+    version (:func:`gate_job_version`) and record it: promoted -> the pointer moves to it; rejected
+    -> recorded under ``versions/<job_id>/`` with the reasons, the pointer stays. Returns the
+    ``ServingRecord`` (its ``status`` says which)."""
+    from ml_backend.finetune import finetune
+
+    model_dir = Path(settings["model_dir"])
+    target = settings["target"]
+    train = _open_labelled({"root": str(data_dir)})
+    replay = _open_labelled(settings["replay"]) if settings.get("replay") else None
+    config = finetune_config(settings.get("finetune_options") or {})
+    t0_set = _open_labelled(settings["val"]) if settings.get("val") else None
+    val = t0_set if len(config.lrs) > 1 else None
+    result = finetune(model, train, versions_dir(model_dir) / job_id, replay=replay, val=val, config=config)
+    decision = gate_job_version(model_dir, model, result.spec.to_dict(), t0_set, settings)
+    record = new_record(
+        version=result.version, name=target["name"], checkpoint=result.checkpoint,
+        options=target.get("options") or {}, job_id=job_id, projects=tuple(projects), n_train=n_train,
+        gate=decision.to_json(),
+    )
+    if decision.promoted:
+        write_pointer(model_dir, record)
+    else:
+        record_version(model_dir, record)  # kept and listed, never served
+    return record
+
+
 def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Run one fine-tune job (see the module docstring); returns the new version's record.
 
@@ -307,7 +371,6 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
     _write_status(model_dir, job_id, state="running", project=project_id, projects=projects, started_at=t0)
     log.info("fine-tune job %s: project(s) %s", job_id, projects)
     try:
-        from ml_backend.finetune import finetune
         from ml_backend.zoo import load_model_spec
 
         target = settings["target"]
@@ -322,22 +385,13 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
             _write_status(model_dir, job_id, state="skipped", project=project_id, projects=projects,
                           started_at=t0, finished_at=time.time(), reason="no finished masks")
             return {"state": "skipped", "job_id": job_id}
-        train = _open_labelled({"root": str(data_dir)})
-        replay = _open_labelled(settings["replay"]) if settings.get("replay") else None
-        config = finetune_config(settings.get("finetune_options") or {})
-        val = _open_labelled(settings["val"]) if settings.get("val") and len(config.lrs) > 1 else None
-        result = finetune(model, train, versions_dir(model_dir) / job_id, replay=replay, val=val,
-                          config=config)
-        record = new_record(
-            version=result.version, name=target["name"], checkpoint=result.checkpoint,
-            options=target.get("options") or {}, job_id=job_id, projects=tuple(projects), n_train=n_train,
-        )
-        write_pointer(model_dir, record)
+        record = train_gate_publish(job_id, model, data_dir, settings, projects=projects, n_train=n_train)
         shutil.rmtree(data_dir, ignore_errors=True)
         _write_status(model_dir, job_id, state="finished", project=project_id, projects=projects,
-                      started_at=t0, finished_at=time.time(), version=record.version, n_train=n_train)
-        log.info("fine-tune job %s: new version %s from %d image(s) in %.1f s", job_id, record.version,
-                 n_train, time.time() - t0)
+                      started_at=t0, finished_at=time.time(), version=record.version, n_train=n_train,
+                      promoted=record.status == "promoted", gate=record.reason)
+        log.info("fine-tune job %s: version %s from %d image(s) in %.1f s, %s by the gate: %s", job_id,
+                 record.version, n_train, time.time() - t0, record.status, record.reason)
         return {"state": "finished", **record.to_json()}
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"

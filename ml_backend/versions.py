@@ -13,6 +13,13 @@ and provenance (job id, projects, number of training images, time). Without a po
 backend serves the configured target model. The fine-tune job writes the pointer with
 :func:`write_pointer` (temp file + rename), so a reader never sees a half-written file; the
 backend notices a new pointer by its inode/mtime and hot-swaps the model without a restart.
+
+Promotion gate (:mod:`ml_backend.gate`): every fine-tuned version is recorded under
+``versions/<job id>/version.json`` with its ``status`` ("promoted" or "rejected") and the gate's
+decision (reasons and numbers). Only a promoted version may become the pointer:
+:func:`write_pointer` refuses a rejected record, and :func:`record_version` records one without
+touching the pointer, so a rejected version is kept and listed (``/versions``, the report) but
+never served.
 """
 
 from __future__ import annotations
@@ -43,6 +50,13 @@ class ServingRecord:
     projects: tuple[int, ...] = ()
     n_train: int = 0
     created_at: float = 0.0
+    status: str = "promoted"
+    gate: dict[str, Any] | None = None
+
+    @property
+    def reason(self) -> str:
+        """The gate's reasons as one line ("" when the version was not gated)."""
+        return "; ".join((self.gate or {}).get("reasons") or [])
 
     def spec(self) -> dict[str, Any]:
         """The model spec ``{name, checkpoint, options}`` the zoo loads."""
@@ -76,6 +90,8 @@ class ServingRecord:
             projects=tuple(int(p) for p in obj.get("projects") or ()),
             n_train=int(obj.get("n_train") or 0),
             created_at=float(obj.get("created_at") or 0.0),
+            status=str(obj.get("status") or "promoted"),
+            gate=obj.get("gate") if isinstance(obj.get("gate"), dict) else None,
         )
 
 
@@ -119,10 +135,26 @@ def pointer_stamp(model_dir: str | os.PathLike[str]) -> tuple[int, int, int] | N
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def record_version(model_dir: str | os.PathLike[str], record: ServingRecord) -> Path | None:
+    """Record ``record`` under ``versions/<job id>/version.json`` (listed by :func:`list_versions`)
+    without touching the pointer; None for a record without a job id."""
+    if not record.job_id:
+        return None
+    return atomic_write_json(versions_dir(model_dir) / record.job_id / VERSION_RECORD_NAME, record.to_json())
+
+
 def write_pointer(model_dir: str | os.PathLike[str], record: ServingRecord) -> Path:
-    """Record ``record`` under ``versions/<job id>/`` and atomically make it the current version."""
-    if record.job_id:
-        atomic_write_json(versions_dir(model_dir) / record.job_id / VERSION_RECORD_NAME, record.to_json())
+    """Record ``record`` under ``versions/<job id>/`` and atomically make it the current version.
+
+    A record the promotion gate rejected (``status != "promoted"``) raises :class:`MadsegError`:
+    it is never served.
+    """
+    if record.status != "promoted":
+        raise MadsegError(
+            f"version {record.version} ({record.job_id}) was {record.status} by the promotion gate "
+            f"({record.reason or 'no reason recorded'}); it cannot become the served version"
+        )
+    record_version(model_dir, record)
     return atomic_write_json(pointer_path(model_dir), record.to_json())
 
 
@@ -145,10 +177,16 @@ def list_versions(model_dir: str | os.PathLike[str]) -> list[ServingRecord]:
 
 def new_record(
     *, version: str, name: str, checkpoint: str | os.PathLike[str], options: dict[str, Any], job_id: str,
-    projects: tuple[int, ...], n_train: int,
+    projects: tuple[int, ...], n_train: int, gate: dict[str, Any] | None = None,
 ) -> ServingRecord:
-    """A record for a freshly fine-tuned checkpoint (stamped with the current time)."""
+    """A record for a freshly fine-tuned checkpoint (stamped with the current time).
+
+    ``gate``: the promotion gate's decision (``GateDecision.to_json()``); its ``promoted`` flag
+    sets the record's status (no decision = "promoted", for callers that gate elsewhere).
+    """
+    status = "promoted" if gate is None or gate.get("promoted") else "rejected"
     return ServingRecord(
         version=version, name=name, checkpoint=str(checkpoint), options=dict(options), job_id=job_id,
-        projects=tuple(projects), n_train=n_train, created_at=time.time(),
+        projects=tuple(projects), n_train=n_train, created_at=time.time(), status=status,
+        gate=None if gate is None else dict(gate),
     )
