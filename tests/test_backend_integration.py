@@ -64,6 +64,11 @@ def _backend_env(ls_server: Any, model_dir: Path, port: int, **extra: str) -> di
         "MADSEG_CHECKPOINT": str(_checkpoint()),
         "MADSEG_MODEL_DIR": str(model_dir),
         "MADSEG_FINETUNE_OPTIONS": json.dumps(FINETUNE),
+        # the promotion gate needs a T(0); a wide tolerance lets this 1-epoch version through so the
+        # pointer move is exercised (the gate's verdicts: tests/test_gate.py, test_gate_backend.py)
+        "MADSEG_VAL_DIR": str(shared_dir() / "data" / "voc_samples"),
+        "MADSEG_VAL_SUBSET": "half1",
+        "MADSEG_GATE_OPTIONS": json.dumps({"t0_tolerance": 1.0}),
         "MADSEG_BACKEND_HOST": "127.0.0.1",
         "MADSEG_BACKEND_PORT": str(port),
         "MADSEG_BACKEND_THREADS": "4",
