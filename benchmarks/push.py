@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 
 from ml_backend.classes import IGNORE_INDEX  # noqa: E402
 from ml_backend.imageio import read_mask  # noqa: E402
+from ml_backend.labelstudio import configs  # noqa: E402
 from ml_backend.labelstudio.client import connect  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
-from projects import admin, configs  # noqa: E402
+from projects import admin  # noqa: E402
 from projects.ls_local import start_local_label_studio  # noqa: E402
 
 TARGET_TASKS_PER_S = 100.0

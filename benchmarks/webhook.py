@@ -41,9 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from ml_backend.classes import VOC_CLASSES  # noqa: E402
 from ml_backend.imageio import read_mask  # noqa: E402
+from ml_backend.labelstudio import brush, configs  # noqa: E402
 from ml_backend.labelstudio.client import connect  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
-from projects import admin, configs  # noqa: E402
+from projects import admin  # noqa: E402
 from projects.ls_local import free_port, start_local_label_studio  # noqa: E402
 
 #: the queued job starts this long after its first event: the idle measurement fits in it
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         ctl = configs.validate_segmentation_config(config, VOC_CLASSES)
         for task in admin.iter_tasks(client, pid):
             gt = read_mask(shared / "data" / "voc_samples" / "masks" / f"{task['data']['image_id']}.png", 21)
-            client.annotations.create(id=task["id"], result=admin.brush_results(gt, VOC_CLASSES, ctl))
+            client.annotations.create(id=task["id"], result=brush.class_map_results(gt, VOC_CLASSES, ctl))
         exported = admin.export_tasks(client, pid)
         task = dict(exported[0])
         annotation = task.pop("annotations")[0]

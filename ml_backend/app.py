@@ -45,7 +45,8 @@ from flask import Flask, Response, jsonify, request
 from .backend_config import BackendConfig
 from .errors import MadsegError
 from .jobs import FinetuneQueue, WebhookPayloadError, decide, finetune_config, make_queue
-from .model import LabelConfigError, MadsegSegmenter, model_cache
+from .labelstudio.configs import LabelConfigError
+from .model import MadsegSegmenter, model_cache
 from .versions import list_versions
 
 log = logging.getLogger(__name__)

@@ -119,7 +119,7 @@ class LabelledFolder:
         """Read every mask and every image header; raise on the first bad file (clear message)."""
         for img_path, mask_path in self.pairs:
             mask = read_mask(mask_path, num_classes)
-            size = image_size(img_path)
+            size = image_hw(img_path)
             if size != mask.shape:
                 raise MaskError(
                     f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path.name} is "
@@ -127,7 +127,7 @@ class LabelledFolder:
                 )
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+def image_hw(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(H, W) of an image as :func:`read_rgb` returns it (EXIF rotation applied); reads the header only."""
     path = Path(path)
     try:

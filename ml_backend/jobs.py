@@ -48,7 +48,6 @@ import threading
 import time
 import traceback
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from typing import Any, Protocol
 
 from .atomic import atomic_write_json
 from .errors import MadsegError
+from .labelstudio.configs import is_segmentation_config
 from .versions import jobs_dir, new_record, read_pointer, record_version, versions_dir, write_pointer
 
 log = logging.getLogger(__name__)
@@ -83,18 +83,6 @@ class EventDecision:
     train: bool
     project_id: int | None
     reason: str
-
-
-def is_segmentation_config(label_config: str) -> bool:
-    """True when the Label Studio label config has a ``<BrushLabels>`` control (a segmentation project).
-
-    A config that is not XML is not a segmentation config.
-    """
-    try:
-        root = ET.fromstring(label_config)
-    except ET.ParseError:
-        return False
-    return any(el.tag == "BrushLabels" for el in root.iter())
 
 
 def _as_id(value: Any) -> int | None:

@@ -8,11 +8,11 @@ with the CURRENT target model version and returns, per task, one prediction::
      "result": [<one brushlabels result per predicted class, RLE of its pixels>, ...]}
 
 ``from_name`` / ``to_name`` / the image key come from the project's label config (its first
-``<BrushLabels>`` control and the ``<Image>`` it labels); a label's name is the model's class name.
-Every predicted class the config has a label for is drawn, ``background`` included (the export
-treats unpainted pixels as "ignore", so an accepted pre-fill must paint background too); classes
-without a label in the config are left out. Each result also carries a ``score``: the mean
-max-probability over that class's pixels.
+``<BrushLabels>`` control and the ``<Image>`` it labels: ``labelstudio.configs.find_brush_controls``);
+a label's name is the model's class name. Every predicted class the config has a label for is
+drawn, ``background`` included (the export treats unpainted pixels as "ignore", so an accepted
+pre-fill must paint background too); classes without a label in the config are left out. Each
+result also carries a ``score``: the mean max-probability over that class's pixels.
 
 Models are loaded once per process: :class:`ModelCache` keeps them by model spec, and before each
 prediction compares the model dir's ``current.json`` (inode, mtime, size) with what it last saw; a
@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,84 +34,18 @@ from label_studio_ml.model import LabelStudioMLBase
 
 from .backend_config import BackendConfig
 from .errors import MadsegError
+from .labelstudio.brush import label_map_results
+from .labelstudio.configs import LabelConfigError, find_brush_controls
 from .labelstudio.task_images import ImageSource, LabelStudioAuth
 from .versions import ServingRecord, pointer_stamp, read_pointer
 
 log = logging.getLogger(__name__)
 
 
-class LabelConfigError(MadsegError):
-    """The project's label config has no ``<BrushLabels>`` over an ``<Image>``, or no model class."""
-
-
-@dataclass(frozen=True)
-class BrushTarget:
-    """Where brush predictions go in a label config: control, object, task data key, label names."""
-
-    from_name: str
-    to_name: str
-    data_key: str
-    labels: tuple[str, ...]
-
-
-def brush_target(parsed_label_config: dict[str, Any]) -> BrushTarget:
-    """The first ``<BrushLabels>`` control of a parsed label config (``label_studio_tools`` format)."""
-    for from_name, info in parsed_label_config.items():
-        if info.get("type") != "BrushLabels":
-            continue
-        inputs = [i for i in info.get("inputs") or () if i.get("type") == "Image"]
-        if not info.get("to_name") or not inputs:
-            raise LabelConfigError(
-                f"label config: <BrushLabels name={from_name!r}> is not attached to an <Image>"
-            )
-        return BrushTarget(
-            from_name=from_name,
-            to_name=info["to_name"][0],
-            data_key=inputs[0]["value"].lstrip("$"),
-            labels=tuple(info.get("labels") or ()),
-        )
-    raise LabelConfigError(
-        "label config has no <BrushLabels> control over an <Image>; connect the ML backend to a "
-        "segmentation project"
-    )
-
-
 def drawn_classes(class_names: tuple[str, ...], labels: tuple[str, ...]) -> dict[int, str]:
     """Class index -> label for the classes the backend draws: those the config has a label for."""
     label_set = set(labels)
     return {idx: name for idx, name in enumerate(class_names) if name in label_set}
-
-
-def brush_results(
-    label_map: np.ndarray, max_prob: np.ndarray | None, drawn: dict[int, str], target: BrushTarget
-) -> list[dict[str, Any]]:
-    """One ``brushlabels`` result per class of ``drawn`` present in ``label_map`` (H, W) uint8.
-
-    ``max_prob`` (H, W) float (optional) gives each result's ``score`` (its pixels' mean).
-    """
-    from ml_backend.labelstudio.rle import encode
-
-    height, width = label_map.shape
-    present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=256))
-    results = []
-    for idx in present.tolist():
-        name = drawn.get(idx)
-        if name is None:
-            continue
-        mask = label_map == idx
-        result: dict[str, Any] = {
-            "from_name": target.from_name,
-            "to_name": target.to_name,
-            "type": "brushlabels",
-            "original_width": int(width),
-            "original_height": int(height),
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode(mask), "brushlabels": [name]},
-        }
-        if max_prob is not None:
-            result["score"] = round(float(max_prob[mask].mean()), 4)
-        results.append(result)
-    return results
 
 
 class ModelCache:
@@ -259,7 +192,7 @@ class MadsegSegmenter(LabelStudioMLBase):
                          access_token=access_token, **kwargs)
         self.config = config or BackendConfig.from_env()
         self.cache = model_cache(self.config)
-        self.target = brush_target(self.parsed_label_config)
+        self.target = find_brush_controls(self.label_config)
         import os
 
         ls_url = os.environ.get("LABEL_STUDIO_URL", "").strip() or hostname or None
@@ -294,7 +227,7 @@ class MadsegSegmenter(LabelStudioMLBase):
             try:
                 if not isinstance(data, dict):
                     raise MadsegError(f"{what}: no 'data' object")
-                out.append(self.images.load(data.get(self.target.data_key), what, login))
+                out.append(self.images.load(data.get(self.target.image_key), what, login))
             except MadsegError as exc:
                 log.error("no prediction for %s: %s", what, exc)
                 out.append(exc)
@@ -338,6 +271,6 @@ class MadsegSegmenter(LabelStudioMLBase):
                     preds[i] = {
                         "model_version": model.version,
                         "score": round(float(maxp_small[j].mean()), 4),
-                        "result": brush_results(label_map, maxp, drawn, self.target),
+                        "result": label_map_results(label_map, drawn, self.target, maxp),
                     }
         return preds

@@ -35,12 +35,16 @@ import numpy as np
 
 from ml_backend.atomic import atomic_write
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
-from ml_backend.errors import MadsegError, MaskError
+from ml_backend.errors import MadsegError
+from ml_backend.labelstudio import configs
+from ml_backend.labelstudio.brush import (
+    AnnotationError,
+    annotation_mask,
+    class_map_results,
+    validate_brush_prediction,
+)
 from ml_backend.labelstudio.client import LabelStudioClient, LabelStudioUnreachable
-from ml_backend.labelstudio.rle import check as check_rle
-from ml_backend.labelstudio.rle import decode, encode
 
-from . import configs
 from .mos import Rating, parse_rating_result
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,6 @@ LOCAL_FILES_PREFIX = "/data/local-files/?d="
 DEFAULT_BATCH = 250
 DOC_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 _STEM_RE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class AnnotationError(MadsegError):
-    """A finished annotation cannot be turned into a mask (unknown label, bad sizes, bad RLE)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +502,11 @@ def _resize_nearest(label_map: np.ndarray, height: int, width: int) -> np.ndarra
     return label_map[rows[:, None], cols[None, :]]
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) of an image file after EXIF orientation (header only where possible)."""
+def image_wh(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file after EXIF orientation (Label Studio's order; header only).
+
+    ``ml_backend.datasets.image_hw`` is the (height, width) twin (it needs torch; this does not).
+    """
     from PIL import Image
 
     from ml_backend.errors import ImageReadError
@@ -645,60 +648,6 @@ def rating_progress(client: LabelStudioClient, project_id: int, raters_per_task:
 # ---------------------------------------------------------------------------------------------
 
 
-def brush_results(
-    label_map: np.ndarray, classes: Sequence[str], controls: configs.BrushControls
-) -> list[dict[str, Any]]:
-    """One brush result per class present in ``label_map`` (H, W) (ignore pixels left out)."""
-    h, w = label_map.shape
-    counts = np.bincount(label_map.reshape(-1), minlength=256)
-    out = []
-    for k in np.flatnonzero(counts[: len(classes)]).tolist():
-        out.append({
-            "from_name": controls.from_name, "to_name": controls.to_name, "type": "brushlabels",
-            "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode(label_map == k), "brushlabels": [classes[k]]},
-        })
-    bad = np.flatnonzero(counts[len(classes):]).tolist()
-    bad = [b + len(classes) for b in bad if b + len(classes) != IGNORE_INDEX]
-    if bad:
-        raise MaskError(f"label map has values {bad[:5]} outside 0..{len(classes) - 1} and {IGNORE_INDEX}")
-    return out
-
-
-def validate_brush_prediction(
-    prediction: Mapping[str, Any],
-    controls: configs.BrushControls,
-    size: tuple[int, int],
-    where: str,
-    *,
-    decode_rle: bool = True,
-) -> None:
-    """Check a brush prediction before sending: names, labels, sizes ((width, height) of the image)
-    and every RLE (fully decoded, or with ``decode_rle=False`` only its bytes and header, for RLEs
-    :func:`ml_backend.labelstudio.rle.encode` just made)."""
-    if not isinstance(prediction.get("result"), list):
-        raise MadsegError(f"{where}: prediction has no result list")
-    score = prediction.get("score")
-    if score is not None and not (isinstance(score, (int, float)) and np.isfinite(score)):
-        raise MadsegError(f"{where}: prediction score {score!r} is not a finite number")
-    w, h = size
-    labels = set(controls.labels)
-    for r in prediction["result"]:
-        if r.get("from_name") != controls.from_name or r.get("to_name") != controls.to_name:
-            raise MadsegError(f"{where}: result names {r.get('from_name')!r}->{r.get('to_name')!r}, the "
-                              f"project expects {controls.from_name!r}->{controls.to_name!r}")
-        if r.get("type") != "brushlabels":
-            raise MadsegError(f"{where}: result type {r.get('type')!r}, expected 'brushlabels'")
-        if (r.get("original_width"), r.get("original_height")) != (w, h):
-            raise MadsegError(f"{where}: result size {r.get('original_width')}x{r.get('original_height')} "
-                              f"differs from the image's {w}x{h}")
-        value = r.get("value") or {}
-        names = value.get("brushlabels")
-        if not isinstance(names, list) or len(names) != 1 or names[0] not in labels:
-            raise MadsegError(f"{where}: brush labels {names!r} are not one of the project's labels")
-        (decode if decode_rle else check_rle)(value.get("rle"), h, w, where=f"{where}, label {names[0]!r}")
-
-
 def push_segmentation_tasks(
     client: LabelStudioClient,
     project_id: int,
@@ -733,10 +682,10 @@ def push_segmentation_tasks(
     def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
         def make() -> dict[str, Any]:
             iid = c["id"]
-            w, h = image_size(c["path"])
+            w, h = image_wh(c["path"])
             lm = _resize_nearest(maps(iid), h, w)
             pred = {"model_version": str(model_version), "score": float(scores.get(iid, 0.0)),
-                    "result": brush_results(lm, classes, ctl)}
+                    "result": class_map_results(lm, classes, ctl)}
             validate_brush_prediction(pred, ctl, (w, h), f"image {iid}", decode_rle=False)
             return {
                 "data": {ctl.image_key: local_files_url(c["path"], root), "image_id": iid},
@@ -763,48 +712,6 @@ def segmentation_progress(client: LabelStudioClient, project_id: int) -> tuple[i
         if int(t.get("total_annotations") or 0) > 0:
             done += 1
     return done, total
-
-
-def annotation_mask(
-    result: Sequence[Mapping[str, Any]], classes: Sequence[str], controls: configs.BrushControls, where: str
-) -> np.ndarray | None:
-    """The (H, W) uint8 class map of a brush annotation's ``result`` (unpainted pixels 255;
-    where regions overlap the later one wins). None if it has no brush regions."""
-    index = {name: k for k, name in enumerate(classes)}
-    mask: np.ndarray | None = None
-    size: tuple[int, int] | None = None
-    for n, r in enumerate(result):
-        if not isinstance(r, Mapping) or r.get("type") != "brushlabels":
-            continue
-        if r.get("from_name") != controls.from_name:
-            continue
-        value = r.get("value") if isinstance(r.get("value"), Mapping) else {}
-        names = value.get("brushlabels")
-        if not isinstance(names, list) or len(names) != 1:
-            raise AnnotationError(f"{where}, region {n + 1}: brush region has labels {names!r}; "
-                                  "give each region exactly one label in Label Studio")
-        if names[0] not in index:
-            raise AnnotationError(f"{where}, region {n + 1}: unknown label {names[0]!r}; the project's "
-                                  f"classes are {list(classes)} — relabel the region or fix the class list")
-        try:
-            w, h = int(r["original_width"]), int(r["original_height"])
-        except (KeyError, TypeError, ValueError):
-            raise AnnotationError(
-                f"{where}, region {n + 1}: missing original_width/original_height"
-            ) from None
-        if size is None:
-            size = (w, h)
-            mask = np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
-        elif size != (w, h):
-            raise AnnotationError(
-                f"{where}: regions of sizes {size[0]}x{size[1]} and {w}x{h} in one annotation"
-            )
-        if value.get("format", "rle") != "rle" or "rle" not in value:
-            raise AnnotationError(f"{where}, region {n + 1}: brush region without RLE data")
-        alpha = decode(value["rle"], h, w, where=f"{where}, region {n + 1} ({names[0]})")
-        assert mask is not None
-        mask[alpha > 0] = index[names[0]]
-    return mask
 
 
 def _latest_finished(annotations: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -836,8 +743,8 @@ def export_masks(
     Writes ``out_dir/images/<stem><ext>`` (a copy of the photo) and ``out_dir/masks/<stem>.png``
     (mode-P PNG, class indices, 255 = unpainted) for each task with a submitted annotation (the
     latest one). Returns image id -> stem. Unknown labels, bad sizes or malformed RLE raise
-    :class:`AnnotationError` / :class:`ml_backend.labelstudio.rle.RLEError` naming the task; files are written
-    atomically, so a re-run redoes the export safely.
+    :class:`ml_backend.labelstudio.brush.AnnotationError` / :class:`ml_backend.labelstudio.rle.RLEError`
+    naming the task; files are written atomically, so a re-run redoes the export safely.
     """
     from ml_backend.imageio import write_mask
 
@@ -865,7 +772,7 @@ def export_masks(
         if image_path is None or not image_path.is_file():
             raise AnnotationError(f"{where}: its image {image_path or '(no local path)'} is not readable "
                                   "here; pass --document-root (the one Label Studio serves local files from)")
-        w, h = image_size(image_path)
+        w, h = image_wh(image_path)
         mask = annotation_mask(ann.get("result") or [], classes, ctl, where)
         if mask is None:
             log.warning("%s has no brush regions; exported as all-ignore", where)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml_backend.errors import MadsegError
-
-from .configs import OOD_CHOICE, OOD_FROM, RATING_CHOICES, RATING_FROM
+from ml_backend.labelstudio.configs import OOD_CHOICE, OOD_FROM, RATING_CHOICES, RATING_FROM
 
 
 class RatingError(MadsegError):

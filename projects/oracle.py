@@ -34,7 +34,7 @@ Label Studio side (I/O)
     re-runs log in again; personal access tokens are kept in a 0600 file between runs
     (:func:`default_token_store`); nothing secret is printed. Work is resumable: a user skips every
     task it has already annotated. The control names (``from_name``/``to_name``/labels) come from
-    the project's own label config, checked by ``projects.configs.validate_*_config``.
+    the project's own label config, checked by ``ml_backend.labelstudio.configs.validate_*_config``.
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ from PIL import Image
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
-from ml_backend.metrics import confusion_matrix, miou_from_confusion
-from projects.configs import (
+from ml_backend.labelstudio.configs import (
     BrushControls,
     RatingControls,
     validate_rating_config,
     validate_segmentation_config,
 )
+from ml_backend.metrics import confusion_matrix, miou_from_confusion
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,10 @@ def simulated_scores(
 
 
 def rating_result(score: int, ood: bool, controls: RatingControls) -> list[dict[str, Any]]:
-    """The annotation ``result`` of one rating: the score's choice (``projects.configs.RATING_CHOICES``),
-    plus the out-of-domain flag if set. ``controls`` from ``projects.configs.validate_rating_config``."""
-    from projects.configs import OOD_CHOICE, RATING_CHOICES
+    """The annotation ``result`` of one rating: the score's choice (``RATING_CHOICES`` of
+    ``ml_backend.labelstudio.configs``), plus the out-of-domain flag if set. ``controls`` from
+    ``ml_backend.labelstudio.configs.validate_rating_config``."""
+    from ml_backend.labelstudio.configs import OOD_CHOICE, RATING_CHOICES
 
     if not 1 <= score <= 5:
         raise ValueError(f"score must be 1..5, got {score}")
@@ -186,16 +187,11 @@ def brush_result(
     gt: np.ndarray, class_names: Sequence[str], controls: BrushControls, ignore: str = "unlabeled"
 ) -> list[dict[str, Any]]:
     """The brush-label ``result`` list that paints ground truth (H, W) (one RLE region per class);
-    ``controls`` from ``projects.configs.validate_segmentation_config``."""
-    from ml_backend.labelstudio.rle import encode
+    ``controls`` from ``ml_backend.labelstudio.configs.validate_segmentation_config``."""
+    from ml_backend.labelstudio.brush import brush_region
 
-    h, w = gt.shape
     return [
-        {
-            "from_name": controls.from_name, "to_name": controls.to_name, "type": "brushlabels",
-            "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode(region), "brushlabels": [name]},
-        }
+        brush_region(controls, name, region)
         for name, region in annotation_regions(gt, class_names, controls.labels, ignore)
     ]
 

@@ -16,10 +16,16 @@ from ml_backend.jobs import (
     InProcessFinetuneQueue,
     WebhookPayloadError,
     decide,
-    is_segmentation_config,
     new_job_id,
 )
-from ml_backend.model import BrushTarget, LabelConfigError, brush_results, brush_target, drawn_classes
+from ml_backend.labelstudio.brush import label_map_results
+from ml_backend.labelstudio.configs import (
+    BrushControls,
+    LabelConfigError,
+    find_brush_controls,
+    is_segmentation_config,
+)
+from ml_backend.model import drawn_classes
 
 SEG_CONFIG = (
     '<View><Image name="image" value="$image"/><BrushLabels name="label" toName="image">'
@@ -176,12 +182,10 @@ def test_in_process_queue_survives_a_failing_job() -> None:
 
 
 def test_brush_target_from_label_config() -> None:
-    from label_studio_tools.core.label_config import parse_config
-
-    t = brush_target(parse_config(SEG_CONFIG))
-    assert t == BrushTarget("label", "image", "image", ("background", "bird", "cat"))
+    t = find_brush_controls(SEG_CONFIG)
+    assert t == BrushControls("label", "image", "image", ("background", "bird", "cat"))
     with pytest.raises(LabelConfigError, match="BrushLabels"):
-        brush_target(parse_config(RATING_CONFIG))
+        find_brush_controls(RATING_CONFIG)
 
 
 def test_drawn_classes_are_those_with_a_label() -> None:
@@ -193,14 +197,14 @@ def test_drawn_classes_are_those_with_a_label() -> None:
 def test_brush_results_one_per_present_class_and_decode_back() -> None:
     from ml_backend.labelstudio.rle import decode
 
-    target = BrushTarget("label", "image", "image", ("bird", "cat"))
+    target = BrushControls("label", "image", "image", ("bird", "cat"))
     lm = np.zeros((5, 7), np.uint8)
     lm[1:3, 2:5] = 2
     lm[4, 6] = 3
     lm[0, 0] = 1  # aeroplane: not in the config, not drawn
     prob = np.full((5, 7), 0.5, np.float32)
     prob[lm == 2] = 0.9
-    res = brush_results(lm, prob, {2: "bird", 3: "cat"}, target)
+    res = label_map_results(lm, {2: "bird", 3: "cat"}, target, prob)
     assert [r["value"]["brushlabels"] for r in res] == [["bird"], ["cat"]]
     for r, cls in zip(res, (2, 3), strict=True):
         assert (r["from_name"], r["to_name"], r["type"]) == ("label", "image", "brushlabels")

@@ -28,11 +28,12 @@ import requests
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.imageio import read_mask, read_rgb
 from ml_backend.jobs import purge_queue
+from ml_backend.labelstudio import brush, configs
 from ml_backend.labelstudio.client import connect
 from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
-from projects import admin, configs
+from projects import admin
 from projects.ls_local import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
@@ -167,7 +168,7 @@ def _annotate_all(client: Any, pid: int, samples: list[tuple[str, Path, Path]]) 
     masks = {iid: mask for iid, _, mask in samples}
     for task in _tasks(client, pid):
         gt = read_mask(masks[task["data"]["image_id"]], len(VOC_CLASSES))
-        result = admin.brush_results(gt, VOC_CLASSES, ctl)
+        result = brush.class_map_results(gt, VOC_CLASSES, ctl)
         client.annotations.create(id=task["id"], result=result, was_cancelled=False)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend.datasets import image_size
+from ml_backend.datasets import image_hw
 from ml_backend.errors import ImageReadError, MaskError
 from ml_backend.imageio import decode_rgb, encode_mask_png, list_images, read_mask, read_rgb, write_mask
 
@@ -86,7 +86,7 @@ def test_exif_orientation_applied_and_header_size_agrees(tmp_path: Path) -> None
     im.save(path, exif=exif.tobytes())
     out = read_rgb(path)
     assert out.shape == (40, 10, 3)
-    assert image_size(path) == (40, 10)
+    assert image_hw(path) == (40, 10)
 
 
 def test_zero_byte_file(tmp_path: Path) -> None:

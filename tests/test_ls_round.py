@@ -13,11 +13,12 @@ import pytest
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask, write_mask
+from ml_backend.labelstudio import brush, configs
 from ml_backend.labelstudio.client import LabelStudioUnreachable, connect
 from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import RLEError, decode, encode
 from ml_backend.shared import shared_dir
-from projects import admin, configs
+from projects import admin
 from projects.mos import choose_lowest, mean_opinion_scores
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -181,7 +182,7 @@ def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, pro
         corrected = target.copy()
         corrected[: h // 4] = 15
         corrected[h // 2: h // 2 + 5] = IGNORE_INDEX
-        result = admin.brush_results(corrected, VOC_CLASSES, ctl)
+        result = brush.class_map_results(corrected, VOC_CLASSES, ctl)
         ac.annotations.create(id=t.id, result=result, project=projects_.segmentation)
         submitted[iid] = corrected
     assert admin.segmentation_progress(client, projects_.segmentation) == (len(chosen), len(chosen))

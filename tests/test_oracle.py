@@ -10,13 +10,13 @@ import pytest
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import write_mask
-from ml_backend.labelstudio.rle import decode
-from projects.configs import (
+from ml_backend.labelstudio.configs import (
     rating_config,
     segmentation_config,
     validate_rating_config,
     validate_segmentation_config,
 )
+from ml_backend.labelstudio.rle import decode
 from projects.oracle import (
     NO_GT_SCORE,
     GroundTruth,

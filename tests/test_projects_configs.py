@@ -8,7 +8,7 @@ import pytest
 
 from ml_backend.classes import VOC_CLASSES, palette_hex
 from ml_backend.errors import MadsegError
-from projects import configs
+from ml_backend.labelstudio import configs
 
 
 def test_rating_config_has_our_controls():

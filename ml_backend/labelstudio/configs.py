@@ -10,6 +10,11 @@ label like the others.
 
 :func:`validate_rating_config` / :func:`validate_segmentation_config` check an existing project's
 config has the controls we read and write, and return their names.
+
+The one reader of a segmentation config's brush control is :func:`brush_controls_of` (on a parsed
+XML element); :func:`find_brush_controls` (the ML backend: the first ``<BrushLabels>`` of any
+name), :func:`validate_segmentation_config` (round projects: the ``label`` control and the
+experiment's classes) and :func:`is_segmentation_config` (webhook filtering) are built on it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
-from ml_backend.classes import VOC_CLASSES, palette_hex
-from ml_backend.errors import MadsegError
+from ..classes import VOC_CLASSES, palette_hex
+from ..errors import MadsegError
 
 #: Task data keys.
 IMAGE_KEY = "image"
@@ -121,9 +126,14 @@ class RatingControls:
     overlay_key: str
 
 
+class LabelConfigError(MadsegError):
+    """A label config lacks the control we need (e.g. no ``<BrushLabels>`` over an ``<Image>``)."""
+
+
 @dataclass(frozen=True)
 class BrushControls:
-    """Names found in a segmentation project's config: brush control, image, labels in order."""
+    """Names found in a segmentation project's config: brush control (``from_name``), the
+    ``<Image>`` it labels (``to_name``), that image's task data key, the labels in order."""
 
     from_name: str
     to_name: str
@@ -143,6 +153,53 @@ def _value_key(el: ET.Element | None) -> str | None:
     return v[1:] if v.startswith("$") else None
 
 
+def brush_controls_of(root: ET.Element, brush: ET.Element) -> BrushControls | None:
+    """The names of one ``<BrushLabels>`` element of the config ``root``; None when the ``<Image>``
+    it labels (its first ``toName``, default :data:`IMAGE_NAME`) is not in the config."""
+    to_name = (brush.get("toName") or IMAGE_NAME).split(",")[0].strip()
+    image = next((el for el in root.iter("Image") if el.get("name") == to_name), None)
+    if image is None:
+        return None
+    labels = tuple(el.get("value") or "" for el in brush.iter("Label"))
+    return BrushControls(brush.get("name") or "", to_name, _value_key(image) or IMAGE_KEY, labels)
+
+
+def is_segmentation_config(label_config: str) -> bool:
+    """True when the label config has a ``<BrushLabels>`` control (a segmentation project).
+
+    A config that is not XML is not a segmentation config.
+    """
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError:
+        return False
+    return any(el.tag == "BrushLabels" for el in root.iter())
+
+
+def find_brush_controls(label_config: str | None) -> BrushControls:
+    """The first ``<BrushLabels>`` control of a label config (any name) and the ``<Image>`` it labels.
+
+    Raises :class:`LabelConfigError` when the config has none, or it labels no ``<Image>``.
+    """
+    root: ET.Element | None = None
+    if label_config:
+        try:
+            root = ET.fromstring(label_config)
+        except ET.ParseError as exc:
+            raise LabelConfigError(f"label config is not valid XML ({exc})") from None
+    for brush in root.iter("BrushLabels") if root is not None else ():
+        controls = brush_controls_of(root, brush)
+        if controls is None:
+            raise LabelConfigError(
+                f"label config: <BrushLabels name={brush.get('name')!r}> is not attached to an <Image>"
+            )
+        return controls
+    raise LabelConfigError(
+        "label config has no <BrushLabels> control over an <Image>; connect the ML backend to a "
+        "segmentation project"
+    )
+
+
 def validate_rating_config(config: str, project: str = "rating project") -> RatingControls:
     """Check a rating project's label config has our controls; their names, or a clear error.
 
@@ -150,7 +207,7 @@ def validate_rating_config(config: str, project: str = "rating project") -> Rati
     with :data:`OOD_CHOICE`, and ``<Image>`` objects for :data:`IMAGE_KEY` and :data:`OVERLAY_KEY`.
     """
     root = _parse(config, project)
-    hint = "; create it with `madseg ls create-round` (projects.configs.rating_config)"
+    hint = "; create it with `madseg ls create-round` (ml_backend.labelstudio.configs.rating_config)"
     choices = {el.get("name"): el for el in root.iter("Choices")}
     images = {el.get("name"): el for el in root.iter("Image")}
     rating = choices.get(RATING_FROM)
@@ -185,17 +242,17 @@ def validate_segmentation_config(
     """Check a segmentation project's config has the brush control (with every class of ``classes``
     as a label, when given); its names, or a clear error."""
     root = _parse(config, project)
-    hint = "; create it with `madseg ls create-round` (projects.configs.segmentation_config)"
+    hint = "; create it with `madseg ls create-round` (ml_backend.labelstudio.configs.segmentation_config)"
     brush = next((el for el in root.iter("BrushLabels") if el.get("name") == BRUSH_FROM), None)
     if brush is None:
         raise MadsegError(f"{project}'s label config lacks the brush control {BRUSH_FROM!r}{hint}")
-    labels = tuple(el.get("value") or "" for el in brush.iter("Label"))
+    controls = brush_controls_of(root, brush)
     if classes is not None:
+        labels = tuple(el.get("value") or "" for el in brush.iter("Label"))
         missing = [c for c in _check_classes(classes) if c not in labels]
         if missing:
             raise MadsegError(f"{project}'s brush labels lack the classes {missing}{hint}")
-    to_name = brush.get("toName") or IMAGE_NAME
-    image = next((el for el in root.iter("Image") if el.get("name") == to_name), None)
-    if image is None:
+    if controls is None:
+        to_name = (brush.get("toName") or IMAGE_NAME).split(",")[0].strip()
         raise MadsegError(f"{project}'s label config lacks the <Image name={to_name!r}>{hint}")
-    return BrushControls(BRUSH_FROM, to_name, _value_key(image) or IMAGE_KEY, labels)
+    return controls
