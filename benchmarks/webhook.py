@@ -43,6 +43,8 @@ from ml_backend.classes import VOC_CLASSES  # noqa: E402
 from ml_backend.imageio import read_mask  # noqa: E402
 from ml_backend.labelstudio import brush, configs  # noqa: E402
 from ml_backend.labelstudio.client import connect  # noqa: E402
+from ml_backend.labelstudio.export import export_tasks  # noqa: E402
+from ml_backend.labelstudio.local_files import local_files_url  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
 from projects import admin  # noqa: E402
 from projects.ls_local import free_port, start_local_label_studio  # noqa: E402
@@ -178,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         project = client.projects.create(title="webhook benchmark", label_config=config)
         pid = int(project.id)
         client.projects.import_tasks(id=pid, request=[
-            {"data": {"image": admin.local_files_url(p, doc_root), "image_id": p.stem},
+            {"data": {"image": local_files_url(p, doc_root), "image_id": p.stem},
              "meta": {"image_id": p.stem, "path": str(p)}} for p in samples])
         ctl = configs.validate_segmentation_config(config, VOC_CLASSES)
         for task in admin.iter_tasks(client, pid):
             gt = read_mask(shared / "data" / "voc_samples" / "masks" / f"{task['data']['image_id']}.png", 21)
             client.annotations.create(id=task["id"], result=brush.class_map_results(gt, VOC_CLASSES, ctl))
-        exported = admin.export_tasks(client, pid)
+        exported = export_tasks(client, pid)
         task = dict(exported[0])
         annotation = task.pop("annotations")[0]
         payload = {"action": "ANNOTATION_UPDATED", "annotation": annotation, "task": task,

@@ -27,7 +27,7 @@ goes to the follow-up). Submitting is a couple of Redis round trips or a lock + 
 webhook answers in milliseconds even while a fine-tune runs.
 
 The job itself (:func:`run_finetune_job`): exports every finished mask of the project (plus
-``MADSEG_TRAIN_PROJECTS``) into ``<model_dir>/jobs/<job id>/data`` (``projects.admin``), fine-tunes the
+``MADSEG_TRAIN_PROJECTS``) into ``<model_dir>/jobs/<job id>/data`` (``labelstudio.export``), fine-tunes the
 configured target on it (replaying S(0) when configured) with ``ml_backend.finetune``, and only
 then writes the new version and atomically moves ``current.json`` to it. Every job starts from the
 configured target, so repeated jobs do not compound training on the same masks; the newest version
@@ -235,16 +235,17 @@ def export_training_data(
 ) -> int:
     """Export every finished mask of ``project_ids`` into the labelled folder ``out_dir``.
 
-    Uses ``projects.admin.export_masks`` with the connection from ``LABEL_STUDIO_URL`` /
+    Uses :func:`ml_backend.labelstudio.export.export_masks` with the connection from ``LABEL_STUDIO_URL`` /
     ``LABEL_STUDIO_API_KEY`` (task images are read under ``document_root``, default
     ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``); returns the number of (image, mask) pairs written.
     """
-    from projects import admin, client
+    from .labelstudio.client import connect
+    from .labelstudio.export import export_masks
 
-    ls = client.connect()
+    ls = connect()
     total = 0
     for pid in project_ids:
-        total += len(admin.export_masks(ls, pid, out_dir, classes=class_names, document_root=document_root))
+        total += len(export_masks(ls, pid, out_dir, classes=class_names, document_root=document_root))
     return total
 
 

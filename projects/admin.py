@@ -12,8 +12,8 @@ Every function takes a :class:`ml_backend.labelstudio.client.LabelStudioClient`
   S with brush pre-annotations, validated before sending. Pushes are bulk (one request per batch),
   keyed by the image id in task data and meta, and idempotent: a re-run after a crash adds only
   the missing tasks; a batch whose request failed is re-checked before it is sent again.
-- :func:`collect_ratings`, :func:`rating_progress`, :func:`segmentation_progress`,
-  :func:`export_masks` (finished masks -> ``images/`` + ``masks/`` mode-P PNGs).
+- :func:`collect_ratings`, :func:`rating_progress`, :func:`segmentation_progress`. Finished masks
+  are exported by :func:`ml_backend.labelstudio.export.export_masks`.
 """
 
 from __future__ import annotations
@@ -21,38 +21,38 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlparse
 
 import numpy as np
 
-from ml_backend.atomic import atomic_write
-from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
+from ml_backend.classes import VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.labelstudio import configs
 from ml_backend.labelstudio.brush import (
-    AnnotationError,
-    annotation_mask,
     class_map_results,
     validate_brush_prediction,
 )
 from ml_backend.labelstudio.client import LabelStudioClient, LabelStudioUnreachable
+from ml_backend.labelstudio.export import (
+    export_tasks,
+    image_wh,
+    is_finished,
+    project_label_config,
+    safe_stem,
+    task_image_id,
+)
+from ml_backend.labelstudio.local_files import local_files_url, relative_to_root, resolve_document_root
 
 from .mos import Rating, parse_rating_result
 
 log = logging.getLogger(__name__)
 
-LOCAL_FILES_PREFIX = "/data/local-files/?d="
 DEFAULT_BATCH = 250
-DOC_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
-_STEM_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,61 +164,9 @@ def create_round_projects(
     return RoundProjects(rating, seg)
 
 
-def project_label_config(client: LabelStudioClient, project_id: int) -> tuple[str, str]:
-    """(title, label config) of a project."""
-    proj = client.request("GET", f"api/projects/{project_id}", f"reading project {project_id}")
-    return str(proj.get("title", project_id)), str(proj.get("label_config", ""))
-
-
 # ---------------------------------------------------------------------------------------------
 # local files
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_document_root(document_root: str | os.PathLike[str] | None) -> Path:
-    """The local-files document root: the argument, else ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``."""
-    root = document_root if document_root is not None else os.environ.get(DOC_ROOT_ENV)
-    if not root:
-        raise MadsegError(
-            f"no Label Studio document root given; pass --document-root or set {DOC_ROOT_ENV} to the "
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT Label Studio runs with"
-        )
-    path = Path(os.path.abspath(root))
-    if not path.is_dir():
-        raise MadsegError(f"Label Studio document root {path} is not a folder")
-    return path
-
-
-def relative_to_root(path: str | os.PathLike[str], document_root: Path, what: str = "file") -> str:
-    """``path`` relative to ``document_root`` (POSIX), or a clear error when it is outside."""
-    p = Path(os.path.abspath(path))
-    try:
-        rel = p.relative_to(document_root)
-    except ValueError:
-        raise MadsegError(
-            f"{what} {p} is outside the Label Studio document root {document_root}; Label Studio can "
-            "only serve files under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: move the file or restart "
-            "Label Studio with a document root that contains it"
-        ) from None
-    if not rel.parts:
-        raise MadsegError(f"{what} {p} is the document root itself; use a file or folder inside it")
-    return rel.as_posix()
-
-
-def local_files_url(path: str | os.PathLike[str], document_root: Path, what: str = "image") -> str:
-    """Task URL ``/data/local-files/?d=<path under the document root>`` of a local file."""
-    return LOCAL_FILES_PREFIX + quote(relative_to_root(path, document_root, what), safe="/")
-
-
-def path_from_url(url: str, document_root: Path | None) -> Path | None:
-    """The local file behind a ``/data/local-files/?d=...`` URL, or None for other URLs."""
-    parsed = urlparse(url)
-    if not parsed.path.endswith("/data/local-files/"):
-        return None
-    d = parse_qs(parsed.query).get("d")
-    if not d or document_root is None:
-        return None
-    return document_root / d[0]
 
 
 def list_storages(client: LabelStudioClient, project_id: int) -> list[dict[str, Any]]:
@@ -278,15 +226,6 @@ def ensure_storages(
 # ---------------------------------------------------------------------------------------------
 # tasks: listing and idempotent bulk import
 # ---------------------------------------------------------------------------------------------
-
-
-def task_image_id(task: Mapping[str, Any]) -> str | None:
-    """The madseg image id of a task (``meta.image_id`` or ``data.image_id``)."""
-    for part in ("meta", "data"):
-        d = task.get(part)
-        if isinstance(d, Mapping) and d.get("image_id") not in (None, ""):
-            return str(d["image_id"])
-    return None
 
 
 def iter_tasks(client: LabelStudioClient, project_id: int, page_size: int = 1000) -> Iterator[dict[str, Any]]:
@@ -502,31 +441,6 @@ def _resize_nearest(label_map: np.ndarray, height: int, width: int) -> np.ndarra
     return label_map[rows[:, None], cols[None, :]]
 
 
-def image_wh(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) of an image file after EXIF orientation (Label Studio's order; header only).
-
-    ``ml_backend.datasets.image_hw`` is the (height, width) twin (it needs torch; this does not).
-    """
-    from PIL import Image
-
-    from ml_backend.errors import ImageReadError
-
-    try:
-        with Image.open(path) as im:
-            orientation = im.getexif().get(0x0112, 1)
-            w, h = im.size
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            return int(w), int(h)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def _safe_stem(image_id: str) -> str:
-    stem = _STEM_RE.sub("_", image_id).strip("._") or "image"
-    return stem[:150]
-
-
 # ---------------------------------------------------------------------------------------------
 # rating project
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +484,7 @@ def push_rating_tasks(
     def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
         def make() -> dict[str, Any]:
             iid = c["id"]
-            ov = overlay_dir / f"{_safe_stem(iid)}.png"
+            ov = overlay_dir / f"{safe_stem(iid)}.png"
             if not ov.exists():
                 write_overlay(ov, read_rgb(c["path"]), maps(iid), alpha)
             return {
@@ -585,15 +499,6 @@ def push_rating_tasks(
                       progress=progress, desc=f"rating tasks -> project {project_id}")
 
 
-def export_tasks(client: LabelStudioClient, project_id: int) -> list[dict[str, Any]]:
-    """Every task of the project with its annotations (JSON export, one request)."""
-    body = client.request("GET", f"api/projects/{project_id}/export", f"exporting project {project_id}",
-                          params={"exportType": "JSON", "download_all_tasks": "true"}, timeout_s=600)
-    if not isinstance(body, list):
-        raise MadsegError(f"Label Studio at {client.url}: project {project_id} export is not a task list")
-    return body
-
-
 def _annotator(annotation: Mapping[str, Any]) -> int:
     cb = annotation.get("completed_by")
     if isinstance(cb, Mapping):
@@ -602,10 +507,6 @@ def _annotator(annotation: Mapping[str, Any]) -> int:
         return int(cb)
     except (TypeError, ValueError):
         return -1
-
-
-def _finished(annotation: Mapping[str, Any]) -> bool:
-    return not annotation.get("was_cancelled")
 
 
 def collect_ratings(client: LabelStudioClient, project_id: int) -> list[Rating]:
@@ -623,7 +524,7 @@ def collect_ratings(client: LabelStudioClient, project_id: int) -> list[Rating]:
             log.warning("project %d task %s has no image id; ignored", project_id, task.get("id"))
             continue
         for ann in task.get("annotations") or []:
-            if not _finished(ann):
+            if not is_finished(ann):
                 continue
             where = f"rating project {project_id}, task {task.get('id')}, annotation {ann.get('id')}"
             score, ood = parse_rating_result(ann.get("result") or [], where, rating_from=ctl.rating_from,
@@ -712,79 +613,3 @@ def segmentation_progress(client: LabelStudioClient, project_id: int) -> tuple[i
         if int(t.get("total_annotations") or 0) > 0:
             done += 1
     return done, total
-
-
-def _latest_finished(annotations: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    done = [a for a in annotations if _finished(a)]
-    if not done:
-        return None
-    return max(done, key=lambda a: (str(a.get("updated_at") or ""), int(a.get("id") or 0)))
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    if dst.exists():
-        a, b = src.stat(), dst.stat()
-        if a.st_size == b.st_size and b.st_mtime >= a.st_mtime:
-            return
-    with open(src, "rb") as fh:
-        atomic_write(dst, lambda out: shutil.copyfileobj(fh, out, 1 << 20))
-
-
-def export_masks(
-    client: LabelStudioClient,
-    project_id: int,
-    out_dir: str | os.PathLike[str],
-    *,
-    classes: Sequence[str] = VOC_CLASSES,
-    document_root: str | os.PathLike[str] | None = None,
-) -> dict[str, str]:
-    """Export every finished mask of a segmentation project into a labelled folder.
-
-    Writes ``out_dir/images/<stem><ext>`` (a copy of the photo) and ``out_dir/masks/<stem>.png``
-    (mode-P PNG, class indices, 255 = unpainted) for each task with a submitted annotation (the
-    latest one). Returns image id -> stem. Unknown labels, bad sizes or malformed RLE raise
-    :class:`ml_backend.labelstudio.brush.AnnotationError` / :class:`ml_backend.labelstudio.rle.RLEError`
-    naming the task; files are written atomically, so a re-run redoes the export safely.
-    """
-    from ml_backend.imageio import write_mask
-
-    title, config = project_label_config(client, project_id)
-    classes = list(classes)
-    ctl = configs.validate_segmentation_config(config, classes,
-                                               f"segmentation project {project_id} ({title!r})")
-    root: Path | None = None
-    if document_root is not None or os.environ.get(DOC_ROOT_ENV):
-        root = resolve_document_root(document_root)
-    out = Path(out_dir)
-    images_dir, masks_dir = out / "images", out / "masks"
-    written: dict[str, str] = {}
-    used: set[str] = set()
-    for task in export_tasks(client, project_id):
-        ann = _latest_finished(task.get("annotations") or [])
-        if ann is None:
-            continue
-        tid = task.get("id")
-        where = f"segmentation project {project_id}, task {tid}, annotation {ann.get('id')}"
-        iid = task_image_id(task) or f"task{tid}"
-        src = (task.get("meta") or {}).get("path")
-        url = str((task.get("data") or {}).get(ctl.image_key, ""))
-        image_path = Path(src) if src else path_from_url(url, root)
-        if image_path is None or not image_path.is_file():
-            raise AnnotationError(f"{where}: its image {image_path or '(no local path)'} is not readable "
-                                  "here; pass --document-root (the one Label Studio serves local files from)")
-        w, h = image_wh(image_path)
-        mask = annotation_mask(ann.get("result") or [], classes, ctl, where)
-        if mask is None:
-            log.warning("%s has no brush regions; exported as all-ignore", where)
-            mask = np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
-        if mask.shape != (h, w):
-            raise AnnotationError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} "
-                                  f"is {w}x{h}")
-        stem = _safe_stem(iid)
-        if stem in used:
-            stem = f"{stem}-t{tid}"
-        used.add(stem)
-        written[iid] = stem
-        _copy_atomic(image_path, images_dir / f"{stem}{image_path.suffix.lower()}")
-        write_mask(masks_dir / f"{stem}.png", mask)
-    return written

@@ -72,7 +72,9 @@ def cmd_create_round(args: argparse.Namespace) -> int:
 
 
 def cmd_register_storage(args: argparse.Namespace) -> int:
-    from .admin import register_local_storage, resolve_document_root
+    from ml_backend.labelstudio.local_files import resolve_document_root
+
+    from .admin import register_local_storage
 
     client = _client(args)
     root = resolve_document_root(args.document_root)
@@ -161,7 +163,7 @@ def cmd_push_segmentation(args: argparse.Namespace) -> int:
 
 
 def cmd_export_masks(args: argparse.Namespace) -> int:
-    from .admin import export_masks
+    from ml_backend.labelstudio.export import export_masks
 
     client = _client(args)
     written = export_masks(client, args.project, args.out, classes=_classes(args.classes),

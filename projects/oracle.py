@@ -292,9 +292,9 @@ def rate_image(
 # =============================================================================================
 
 def default_image_id_of(task: Mapping[str, Any]) -> str | None:
-    """The madseg image id of a Label Studio task (``projects.admin.task_image_id``: ``meta`` or
+    """The madseg image id of a Label Studio task (``labelstudio.export.task_image_id``: ``meta`` or
     ``data`` key ``image_id``); ``None`` if the task carries none."""
-    from projects.admin import task_image_id
+    from ml_backend.labelstudio.export import task_image_id
 
     return task_image_id(task)
 

@@ -676,7 +676,9 @@ class Services:
                    oracle: bool) -> dict[str, str]:
         """Masks of every task (the oracle annotator first when enabled), exported to ``out``;
         returns image id -> file stem in ``out``."""
-        from .admin import export_masks, segmentation_progress
+        from ml_backend.labelstudio.export import export_masks
+
+        from .admin import segmentation_progress
 
         ls = self.exp.label_studio
         if oracle:

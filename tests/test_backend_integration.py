@@ -31,6 +31,7 @@ from ml_backend.jobs import purge_queue
 from ml_backend.labelstudio import brush, configs
 from ml_backend.labelstudio.client import connect
 from ml_backend.labelstudio.connect import connect_ml_backend
+from ml_backend.labelstudio.local_files import local_files_url
 from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
 from projects import admin
@@ -152,7 +153,7 @@ def _segmentation_project(
     client = connect(ls_server.url, ls_server.api_key)
     project = client.projects.create(title=title, label_config=configs.segmentation_config(VOC_CLASSES))
     root = Path(ls_server.document_root)
-    tasks = [{"data": {configs.IMAGE_KEY: admin.local_files_url(img, root), "image_id": iid},
+    tasks = [{"data": {configs.IMAGE_KEY: local_files_url(img, root), "image_id": iid},
               "meta": {"image_id": iid, "path": str(img)}} for iid, img, _ in samples]
     client.projects.import_tasks(id=project.id, request=tasks)
     return client, int(project.id)

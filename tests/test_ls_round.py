@@ -13,7 +13,7 @@ import pytest
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask, write_mask
-from ml_backend.labelstudio import brush, configs
+from ml_backend.labelstudio import brush, configs, export
 from ml_backend.labelstudio.client import LabelStudioUnreachable, connect
 from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import RLEError, decode, encode
@@ -96,8 +96,8 @@ def test_push_rating_idempotent_after_partial_push(client, ls_server, projects_,
     assert (again.created, again.existing) == (0, 50)
     tasks = list(admin.iter_tasks(client, projects_.rating))
     assert len(tasks) == 50
-    assert sorted(admin.task_image_id(t) for t in tasks) == sorted(c["id"] for c in pool["cands"])
-    t0 = next(t for t in tasks if admin.task_image_id(t) == pool["cands"][0]["id"])
+    assert sorted(export.task_image_id(t) for t in tasks) == sorted(c["id"] for c in pool["cands"])
+    t0 = next(t for t in tasks if export.task_image_id(t) == pool["cands"][0]["id"])
     assert t0["data"]["image"].startswith("/data/local-files/?d=")
     assert len(list(overlays.glob("*.png"))) == 50
     # Label Studio serves both images of a task to a logged-in user (storages registered).
@@ -161,7 +161,7 @@ def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, pro
     assert admin.push_segmentation_tasks(client, projects_.segmentation, chosen, predictions=pool["pred_dir"],
                                          model_version="target@v1", document_root=ls_server.document_root,
                                          progress=False).created == 0
-    _, config = admin.project_label_config(client, projects_.segmentation)
+    _, config = export.project_label_config(client, projects_.segmentation)
     ctl = configs.validate_segmentation_config(config)
     annotator = ls_server.user("annotator1")
     ac = ls_server.client(annotator)
@@ -187,7 +187,7 @@ def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, pro
         submitted[iid] = corrected
     assert admin.segmentation_progress(client, projects_.segmentation) == (len(chosen), len(chosen))
     out = tmp_path / "labelled"
-    written = admin.export_masks(client, projects_.segmentation, out, document_root=ls_server.document_root)
+    written = export.export_masks(client, projects_.segmentation, out, document_root=ls_server.document_root)
     assert set(written) == set(submitted)
     for iid, stem in written.items():
         np.testing.assert_array_equal(read_mask(out / "masks" / f"{stem}.png", 21), submitted[iid])
@@ -247,8 +247,8 @@ def test_export_unknown_label_names_the_task(client, ls_server, bad_seg_project,
                "original_height": h, "image_rotation": 0,
                "value": {"format": "rle", "rle": encode(mask), "brushlabels": ["unicorn"]}}]
     aid = _annotate(ls_server, pid, tid, result)
-    with pytest.raises(admin.AnnotationError, match=f"task {tid}, annotation {aid}.*unknown label 'unicorn'"):
-        admin.export_masks(client, pid, tmp_path / "out", document_root=ls_server.document_root)
+    with pytest.raises(brush.AnnotationError, match=f"task {tid}, annotation {aid}.*unknown label 'unicorn'"):
+        export.export_masks(client, pid, tmp_path / "out", document_root=ls_server.document_root)
     client.annotations.delete(id=aid)
 
 
@@ -260,7 +260,7 @@ def test_export_malformed_rle_names_the_task(client, ls_server, bad_seg_project,
                "value": {"format": "rle", "rle": rle, "brushlabels": ["cat"]}}]
     aid = _annotate(ls_server, pid, tid, result)
     with pytest.raises(RLEError, match=f"task {tid}, annotation {aid}.*malformed brush RLE"):
-        admin.export_masks(client, pid, tmp_path / "out", document_root=ls_server.document_root)
+        export.export_masks(client, pid, tmp_path / "out", document_root=ls_server.document_root)
     client.annotations.delete(id=aid)
 
 
@@ -318,7 +318,7 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
                                   overlay_dir=pool["root"] / "overlays",
                                   document_root=ls_server.document_root, batch_size=3, progress=False)
     assert res.created == 7 and calls["import"] == 3
-    ids = [admin.task_image_id(t) for t in admin.iter_tasks(client, pid)]
+    ids = [export.task_image_id(t) for t in admin.iter_tasks(client, pid)]
     assert sorted(ids) == sorted(c["id"] for c in pool["cands"][:7])
 
 
