@@ -15,8 +15,12 @@ A round (1-based, ``<exp_dir>/round-<i>/``) of a MAD experiment::
                M(i) minus S(1..i) by projects.testset -> selection.json
     push_segmentation  S(i) and T(i) for pixel labels with f(i-1)'s pre-annotations (idempotent)
     masks      wait for the masks (the oracle annotator when enabled), export -> labels/
-    finetune   f(i) on S(1..i) with S(0) replayed (LR chosen on T(0)); the new version is written
-               atomically and the ML backend's current-version pointer moves to it
+    finetune   f(i) on S(1..i) with S(0) replayed (LR chosen on T(0) by ground-truth-class mIoU); the
+               promotion gate (``ml_backend.gate``) compares f(i) with its parent (the round's
+               target) on T(0) and on the failure test sets T(1..i) minus training images; only a
+               promoted f(i) moves the ML backend's current-version pointer and becomes the next
+               round's target. A rejected f(i) is kept (``versions/round-<i>/`` in the model dir,
+               listed with the reason) and the next round goes on with the parent.
 
 Every stage records its outputs in ``round-<i>/state.json`` (``projects.state``), so re-running
 ``madseg round`` skips finished stages; the Label Studio pushes are idempotent by image id and
@@ -147,6 +151,8 @@ class RunOptions:
     backend_url: str | None = None
     model_dir: Path | None = None
     lwf_variant: bool = False
+    #: ``ml_backend.gate.GateCriteria`` fields overriding the gate's defaults (e.g. in tests)
+    gate_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,18 +188,34 @@ class RoundRunner:
         return self._services
 
     # -- models of the experiment ----------------------------------------------------------------
-    def target_spec(self, i: int) -> dict[str, Any]:
-        """The zoo spec of f(i): the configured target for i = 0, else round i's fine-tuned model."""
+    def served_round(self, i: int) -> int:
+        """The round whose model is served after round ``i``: ``i`` when the promotion gate promoted
+        f(i), else the last promoted round before it (0 = the configured target f(0))."""
+        while i > 0:
+            st = RoundState.load(self.exp_dir, i)
+            if not st.done("finetune"):
+                raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
+                                  f"run `madseg round --round {i}` first")
+            if st.outputs("finetune").get("promoted", True):  # state files from before the gate
+                return i
+            i -= 1
+        return 0
+
+    def finetuned_spec(self, i: int) -> dict[str, Any]:
+        """The zoo spec of round i's fine-tuned f(i), promoted or not (f(0) for i = 0)."""
         if i == 0:
             return self.exp.target.spec()
-        st = RoundState.load(self.exp_dir, i)
-        if not st.done("finetune"):
-            raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
-                              f"run `madseg round --round {i}` first")
-        return dict(st.outputs("finetune")["spec"])
+        self.served_round(i)  # raises when round i has not finished fine-tuning
+        return dict(RoundState.load(self.exp_dir, i).outputs("finetune")["spec"])
+
+    def target_spec(self, i: int) -> dict[str, Any]:
+        """The zoo spec of the model served after round i (round i+1's target): f(i) when the gate
+        promoted it, else its parent's."""
+        return self.finetuned_spec(self.served_round(i))
 
     def target_key(self, i: int) -> str:
-        return f"f({i})"
+        """The name of the model served after round i, e.g. ``f(1)``, or ``f(0)`` when f(1) was rejected."""
+        return f"f({self.served_round(i)})"
 
     def competitor_specs(self) -> dict[str, dict[str, Any]]:
         return {c.key: c.spec() for c in self.exp.competitors}
@@ -236,7 +258,7 @@ class RoundRunner:
         used = self.used_ids(1) | set(ent.outputs("choose")["S"])
         return RoundPlan(
             kind="compare", number=1, root=self.exp_dir / "baseline-compare", target_key="f_MAD(1)",
-            target=self.target_spec(1), competitors={"f_entropy": dict(ent.outputs("finetune")["spec"])},
+            target=self.finetuned_spec(1), competitors={"f_entropy": dict(ent.outputs("finetune")["spec"])},
             n4=0, test_size=self.exp.selection.test_size, finetune=False,
             title=f"{self.exp.name} MAD vs entropy test", used=frozenset(used),
         )
@@ -346,7 +368,12 @@ class RoundRunner:
                               "enlarge the pool / n3, then re-run")
         out = self.services.finetune(plan, train_dir, plan.dir / "finetune", lwf=False)
         if plan.kind == "mad":
+            train_stems = {p.stem for p in (train_dir / "masks").glob("*.png")}
+            gate = self.services.gate(plan, out["spec"], train_stems)
+            out.update(gate=gate, promoted=bool(gate["promoted"]))
             self.services.publish(plan, out, n_train=n_train)
+            log.info("round %d: f(%d) %s by the promotion gate: %s", plan.number, plan.number,
+                     gate["status"], "; ".join(gate["reasons"]))
         if plan.lwf_variant:
             out["lwf"] = self.services.finetune(plan, train_dir, plan.dir / "finetune-lwf", lwf=True)
         return {**out, "n_train": n_train}
@@ -724,14 +751,64 @@ class Services:
                 "val_miou": None if res.val_miou is None else float(res.val_miou),
                 "checkpoint": str(res.checkpoint)}
 
+    def gate(self, plan: RoundPlan, child_spec: Mapping[str, Any], train_stems: set[str]) -> dict[str, Any]:
+        """The promotion gate (``ml_backend.gate.decide``) of round ``plan.number``'s f(i) against its
+        parent ``plan.target``: on T(0) and on the failure test sets T(1..i) (labelled, drawn from
+        the MAD candidates) minus every image in ``train_stems`` (file stems of the training set).
+
+        Per-image confusions come from ``projects.evaluation.evaluate_models`` with the report's
+        cache (``<exp_dir>/eval``, same set names), so Table 1 reuses them. Returns the decision's
+        JSON plus ``failure_sets`` (names and sizes used) and ``excluded_training_images``.
+        """
+        import numpy as np
+
+        from ml_backend.gate import GateCriteria, decide
+
+        from .evaluation import ModelEntry, TestSet, evaluate_models, labelled_pairs
+
+        exp = self.exp
+        sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0)]
+        for j in range(1, plan.number + 1):
+            st = RoundState.load(plan.root, j)
+            stems = st.outputs("masks").get("T_stems") if st.done("masks") else None
+            if stems:
+                pairs = labelled_pairs(round_dir(plan.root, j) / "labels", stems)
+                sets.append(TestSet(f"T({j})", tuple(pairs), j))
+        parent, child = ModelEntry("parent", dict(plan.target)), ModelEntry("child", dict(child_spec))
+        ev = evaluate_models([parent, child], sets, exp.num_classes, exp.dir / "eval",
+                             device=self.options.device)
+        fz_p, fz_c, used, excluded = [], [], [], 0
+        for ts in sets[1:]:
+            keep = [k for k, stem in enumerate(ts.stems) if stem not in train_stems]
+            excluded += len(ts.stems) - len(keep)
+            if keep:
+                fz_p.append(ev.confusions[("parent", ts.name)][keep])
+                fz_c.append(ev.confusions[("child", ts.name)][keep])
+                used.append({"name": ts.name, "images": len(keep)})
+        c = exp.num_classes
+        crit = GateCriteria.from_dict({"seed": exp.seed, **self.options.gate_options})
+        name = f"T(1..{plan.number}) failures" if plan.number > 1 else "T(1) failures"
+        decision = decide(ev.confusions[("parent", "T(0)")], ev.confusions[("child", "T(0)")],
+                          np.concatenate(fz_p) if fz_p else np.zeros((0, c, c), np.int64),
+                          np.concatenate(fz_c) if fz_c else np.zeros((0, c, c), np.int64),
+                          crit, failures_name=name)
+        return {**decision.to_json(), "parent": plan.target_key, "parent_spec": dict(plan.target),
+                "failure_sets": used, "excluded_training_images": excluded}
+
     def publish(self, plan: RoundPlan, out: Mapping[str, Any], *, n_train: int) -> None:
-        """Make f(i) the ML backend's current version (atomic pointer in the model dir)."""
-        from ml_backend.versions import new_record, write_pointer
+        """Record f(i) in the ML backend's model dir (``versions/round-<i>/``, with the gate's
+        decision); only a promoted f(i) becomes the current version (atomic pointer). A rejected one
+        is kept and listed, and the pointer stays on the parent."""
+        from ml_backend.versions import new_record, record_version, write_pointer
 
         spec = out["spec"]
-        write_pointer(self.model_dir, new_record(
+        record = new_record(
             version=out["version"], name=spec["name"], checkpoint=spec["checkpoint"], options=spec["options"],
-            job_id=f"round-{plan.number}", projects=(), n_train=n_train))
+            job_id=f"round-{plan.number}", projects=(), n_train=n_train, gate=out.get("gate"))
+        if record.status == "promoted":
+            write_pointer(self.model_dir, record)
+        else:
+            record_version(self.model_dir, record)
 
 
 def _jsonable_ratings(raw: Any) -> Any:

@@ -177,9 +177,18 @@ def test_round_end_to_end_with_crashes(ls_server, tmp_path: Path) -> None:
         assert not set(chosen["S"] + chosen["T"]) & {k for k, v in ratings["ood"].items() if v}
         seg_ids = _task_image_ids(client, seg_pid)
         assert sorted(seg_ids) == sorted(set(chosen["S"]) | set(chosen["T"]))
-        # the backend now serves f(1)
-        pointer = json.loads((exp_dir / "backend" / "current.json").read_text())
-        assert pointer["version"] == ft["outputs"]["version"]
+        # the promotion gate decided; the backend serves f(1) exactly when it was promoted, and a
+        # rejected f(1) is recorded with its reasons (the verdicts themselves: test_rounds_gate.py)
+        gate = ft["outputs"]["gate"]
+        assert gate["status"] in ("promoted", "rejected") and gate["reasons"]
+        assert gate["metrics"]["T(0)"]["n_images"] == 7
+        version = json.loads((exp_dir / "backend" / "versions" / "round-1" / "version.json").read_text())
+        assert version["version"] == ft["outputs"]["version"] and version["status"] == gate["status"]
+        pointer_file = exp_dir / "backend" / "current.json"
+        if ft["outputs"]["promoted"]:
+            assert json.loads(pointer_file.read_text())["version"] == ft["outputs"]["version"]
+        else:
+            assert not pointer_file.exists()
 
         # 3. re-run to the end: baseline, evaluation pass, report; nothing of round 1 is redone
         p = _madseg(args, env)
