@@ -38,16 +38,39 @@ Model directory, queue, fine-tuning:
 Label Studio (used by the fine-tune job to export masks, and by ``/predict`` to fetch images):
 
 ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``   the server and a legacy token or personal access token
-``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``      when set and the file exists below it, local-files task
-                                                images are read from disk instead of downloaded
+``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``      the root Label Studio serves local files from (the same
+                                                value as Label Studio's); local-files task images are read
+                                                from disk when they pass :mod:`ml_backend.localfiles`
+``MADSEG_LOCAL_FILES_DIRS`` comma-separated folders under that root the backend may read images from
+                            (default: the experiment's pool folders with ``MADSEG_EXPERIMENT``, else the
+                            root itself; a root of ``/`` needs this or an experiment). Ground-truth mask
+                            folders (the experiment's oracle ``gt``, S(0)/T(0) ``masks/``) and the model
+                            dir are never read
+``MADSEG_IMAGE_HOSTS``      comma-separated hosts (``name``, ``name:port``, ``*.domain``, IP) other than
+                            Label Studio that task image URLs may point to (:mod:`ml_backend.netguard`);
+                            names must resolve to public addresses. Default: none
 
 HTTP server (``madseg backend`` / ``python -m ml_backend``, gunicorn):
 
-``MADSEG_BACKEND_HOST`` (``0.0.0.0``), ``MADSEG_BACKEND_PORT`` (``9090``), ``MADSEG_BACKEND_THREADS``
-(``4``), ``MADSEG_BACKEND_WORKERS`` (``1``; more than one needs ``REDIS_URL``),
+``MADSEG_BACKEND_HOST`` (``127.0.0.1``; any other address needs credentials, see below),
+``MADSEG_BACKEND_PORT`` (``9090``), ``MADSEG_BACKEND_THREADS`` (``4``; one thread is always kept free of
+predictions, so ``/health`` answers while they run),
+``MADSEG_BACKEND_WORKERS`` (``1``; more than one needs ``REDIS_URL``),
 ``MADSEG_PREDICT_BATCH`` (images per forward pass, ``4``),
 ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``  when both are set every route requires these HTTP basic-auth
 credentials; give Label Studio the same ones when connecting the backend.
+``MADSEG_BACKEND_TOKEN``    a bearer token (at least 16 characters) every route accepts as
+                            ``Authorization: Bearer <token>`` (for scripts; Label Studio uses basic auth)
+
+Limits (:mod:`ml_backend.limits`, :mod:`ml_backend.image_limits`):
+
+``MADSEG_MAX_BODY_BYTES`` (33554432) request body, refused with 413 before it is read;
+``MADSEG_MAX_TASKS`` (100) tasks per ``/predict``; ``MADSEG_MAX_IMAGE_BYTES`` (33554432) one image file or
+download; ``MADSEG_MAX_IMAGE_PIXELS`` (40000000) images with more pixels are not decoded;
+``MADSEG_PREDICT_PIXELS`` (16000000) larger images are downscaled to this before inference;
+``MADSEG_PREDICT_DEADLINE`` (90 s; Label Studio waits 100 s) for one ``/predict``: tasks not done by then
+get empty results; ``MADSEG_FETCH_CONNECT_TIMEOUT`` (5 s) / ``MADSEG_FETCH_READ_TIMEOUT`` (20 s) per image
+download; ``MADSEG_MAX_QUEUED_JOBS`` (8) fine-tune jobs queued at once over all projects.
 
 Secrets (the API key, the basic-auth password) are never part of a queued job or a log line.
 """
@@ -135,7 +158,26 @@ def _from_experiment(path: str) -> dict[str, Any]:
         "replay": exp.s0.to_dict() if replay else None,
         "val": exp.t0.to_dict(),
         "document_root": str(exp.document_root()),
+        "dir": str(exp.dir),
+        "pool_dirs": [str(p) for p in _pool_dirs(exp)],
+        "ground_truth": [str(p) for p in exp.oracle.gt]
+        + [str(Path(s.root) / "masks") for s in (exp.s0, exp.t0) if getattr(s, "root", None)],
     }
+
+
+def _pool_dirs(exp: Any) -> list[Path]:
+    """The folders the experiment's pool images live in: its pool folders, and for list files the
+    folder of each listed local entry (the backend reads local task images only from these)."""
+    out = [Path(p) for p in exp.pool.folders]
+    if exp.pool.lists:
+        from sampler.pool import _list_entries, is_url
+
+        for list_file in exp.pool.lists:
+            for entry in _list_entries(Path(list_file)):
+                if not is_url(entry):
+                    p = Path(entry)
+                    out.append(p if p.is_dir() else p.parent)
+    return list(dict.fromkeys(out))
 
 
 @dataclass(frozen=True)
@@ -159,12 +201,43 @@ class BackendConfig:
     device: str | None = None
     document_root: Path | None = None
     predict_batch: int = 4
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 9090
     threads: int = 4
     workers: int = 1
     basic_auth_user: str | None = field(default=None, repr=False)
     basic_auth_pass: str | None = field(default=None, repr=False)
+    backend_token: str | None = field(default=None, repr=False)
+    experiment_dir: Path | None = None
+    local_dirs: tuple[Path, ...] = ()
+    ground_truth_dirs: tuple[Path, ...] = ()
+    image_hosts: tuple[Any, ...] = ()  # netguard.HostRule
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_tasks: int = 100
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    predict_pixels: int = 16_000_000
+    predict_deadline_s: float = 90.0
+    fetch_connect_s: float = 5.0
+    fetch_read_s: float = 20.0
+    max_queued_jobs: int = 8
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether every route requires basic auth or the bearer token."""
+        return self.basic_auth is not None or bool(self.backend_token)
+
+    def local_files_policy(self) -> Any:
+        """The :class:`ml_backend.localfiles.LocalFilesPolicy` for this config, or None without a
+        document root; :class:`MadsegError` for a root of ``/`` with nothing narrower."""
+        if self.document_root is None:
+            return None
+        from .localfiles import LocalFilesPolicy
+
+        denied = [*self.ground_truth_dirs, self.model_dir]
+        denied += [d / "masks" for d in (self.replay_dir, self.val_dir) if d is not None]
+        denied = list(dict.fromkeys(denied))
+        return LocalFilesPolicy.build(self.document_root, self.local_dirs, denied, self.max_image_bytes)
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -240,6 +313,17 @@ class BackendConfig:
                 f"MADSEG_BACKEND_WORKERS={workers} needs REDIS_URL: without Redis the fine-tune queue lives "
                 "inside the one backend process; set REDIS_URL or use 1 worker"
             )
+        token = env.get("MADSEG_BACKEND_TOKEN", "").strip() or None
+        if token is not None and len(token) < 16:
+            raise MadsegError("MADSEG_BACKEND_TOKEN: use at least 16 characters "
+                              "(e.g. `openssl rand -hex 24`)")
+        from .netguard import parse_host_rules
+
+        local_dirs_raw = [d.strip() for d in env.get("MADSEG_LOCAL_FILES_DIRS", "").split(",") if d.strip()]
+        for d in local_dirs_raw:
+            if not Path(d).is_dir():
+                raise MadsegError(f"MADSEG_LOCAL_FILES_DIRS: {d} is not a folder")
+        local_dirs = local_dirs_raw or list(exp.get("pool_dirs") or [])
         user = env.get("BASIC_AUTH_USER", "") or None
         password = env.get("BASIC_AUTH_PASS", "") or None
         if bool(user) != bool(password):
@@ -266,10 +350,24 @@ class BackendConfig:
             device=env.get("MADSEG_DEVICE", "").strip() or None,
             document_root=Path(doc_root).resolve() if doc_root else None,
             predict_batch=_int(env, "MADSEG_PREDICT_BATCH", 4),
-            host=env.get("MADSEG_BACKEND_HOST", "").strip() or "0.0.0.0",
+            host=env.get("MADSEG_BACKEND_HOST", "").strip() or "127.0.0.1",
             port=_int(env, "MADSEG_BACKEND_PORT", 9090, minimum=0),
             threads=_int(env, "MADSEG_BACKEND_THREADS", 4),
             workers=workers,
             basic_auth_user=user,
             basic_auth_pass=password,
+            backend_token=token,
+            experiment_dir=Path(exp["dir"]).resolve() if exp.get("dir") else None,
+            local_dirs=tuple(Path(d).resolve() for d in local_dirs),
+            ground_truth_dirs=tuple(Path(d).resolve() for d in exp.get("ground_truth") or ()),
+            image_hosts=parse_host_rules(env.get("MADSEG_IMAGE_HOSTS", "")),
+            max_body_bytes=_int(env, "MADSEG_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024),
+            max_tasks=_int(env, "MADSEG_MAX_TASKS", 100),
+            max_image_bytes=_int(env, "MADSEG_MAX_IMAGE_BYTES", 32 * 1024 * 1024, minimum=1024),
+            max_image_pixels=_int(env, "MADSEG_MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64),
+            predict_pixels=_int(env, "MADSEG_PREDICT_PIXELS", 16_000_000, minimum=64 * 64),
+            predict_deadline_s=_float(env, "MADSEG_PREDICT_DEADLINE", 90.0),
+            fetch_connect_s=_float(env, "MADSEG_FETCH_CONNECT_TIMEOUT", 5.0),
+            fetch_read_s=_float(env, "MADSEG_FETCH_READ_TIMEOUT", 20.0),
+            max_queued_jobs=_int(env, "MADSEG_MAX_QUEUED_JOBS", 8),
         )
