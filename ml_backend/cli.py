@@ -49,6 +49,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{e['name']}  [{e['kind']}, {train}]")
         print(f"    {e['description']}")
         print(f"    options: {e['options']}")
+        if e.get("example"):
+            print(f"    example: {e['example']}")
         for ck in e["checkpoints"]:
             print(f"    checkpoint: {ck}")
     return 0

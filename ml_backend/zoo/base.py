@@ -41,10 +41,17 @@ class ModelSpec:
         """From ``{"name", "checkpoint"?, "options"?, ...}``; other keys are taken as options too."""
         if not isinstance(data, Mapping) or not data.get("name"):
             raise ModelError(f"model spec {data!r} needs a 'name' (e.g. espnetv2, tflite, torchvision:...)")
-        extra = {k: v for k, v in data.items() if k not in ("name", "checkpoint", "options")}
-        opts = dict(data.get("options") or {})
-        opts.update(extra)
+        if not isinstance(data["name"], str):
+            raise ModelError(f"name must be a model name string, got {data['name']!r}")
         ckpt = data.get("checkpoint")
+        if ckpt is not None and not isinstance(ckpt, (str, Path)):
+            raise ModelError(f"checkpoint must be a file path string, got {ckpt!r}")
+        raw_opts = data.get("options")
+        if raw_opts is not None and not isinstance(raw_opts, Mapping):
+            raise ModelError(f"options must be a table (e.g. {{ scale = 2.0 }}), got {raw_opts!r}")
+        extra = {k: v for k, v in data.items() if k not in ("name", "checkpoint", "options")}
+        opts = dict(raw_opts or {})
+        opts.update(extra)
         return cls(name=str(data["name"]), checkpoint=str(ckpt) if ckpt else None, options=opts)
 
     def to_dict(self) -> dict[str, Any]:

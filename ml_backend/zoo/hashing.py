@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +99,10 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def make_version(slug: str, content_hash: str, options: Mapping[str, Any]) -> str:
-    """``<slug>@<12 hex>`` from the weights' content hash and the output-affecting options."""
+    """``<slug>@<12 hex>`` from the weights' content hash and the output-affecting options.
+
+    Characters other than letters, digits and ``._+-`` in ``slug`` (from user file names) become ``-``.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._+-]", "-", slug)
     blob = json.dumps({"content": content_hash, "options": dict(options)}, sort_keys=True, default=str)
     return f"{slug}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

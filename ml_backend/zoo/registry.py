@@ -1,7 +1,9 @@
 """``load_model`` / ``load_model_spec`` / ``list_models``: the zoo's entry points.
 
-Names: ``espnetv2``, ``dicenet``, ``tflite``, ``torchvision:<builder>``, or a path to a
-TorchScript / ``torch.export`` file (a ``.tflite`` path is taken as ``tflite``).
+Names: ``espnetv2``, ``dicenet``, ``tflite``, ``torchvision:<builder>``, ``onnx`` (or
+``onnx:<file>``), ``hf`` (or ``hf:<folder>``), or a path to a TorchScript / ``torch.export`` file
+(a ``.tflite`` path is taken as ``tflite``, an ``.onnx`` path as ``onnx``). Every entry accepts
+``class_map`` (see :mod:`ml_backend.zoo.classmap`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import torch
 from ..errors import ModelError
 from ..tomlfile import read_toml
 from .base import ModelSpec, SegmentationModel, resolve_device
+from .classmap import apply_class_map, resolve_class_map_ref, shipped_class_maps
+from .hf_entry import load_hf
+from .onnx_entry import load_onnx
+from .options import check_options
 from .tflite import load_tflite, shared_tflite_files
 from .torch_entries import (
     FAMILIES,
@@ -33,11 +39,30 @@ RUNTIME_OPTIONS = ("bf16", "channels_last")
 
 def known_names() -> list[str]:
     """Every model name the zoo accepts (paths to TorchScript/export files aside)."""
-    return [*FAMILIES, "tflite", *(f"torchvision:{b}" for b in TORCHVISION_BUILDERS)]
+    return [*FAMILIES, "tflite", "onnx", "hf", *(f"torchvision:{b}" for b in TORCHVISION_BUILDERS)]
+
+
+#: Entries named ``<prefix>:<path>``: the path is the model file/folder (``checkpoint`` must be unset).
+PATH_PREFIXES = ("onnx:", "hf:")
 
 
 def _looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or Path(name).suffix.lower() in (*SCRIPTED_SUFFIXES, ".tflite")
+
+
+def split_path_name(name: str, checkpoint: str | None) -> tuple[str, str | None]:
+    """``"onnx:m.onnx"`` -> (``"onnx"``, ``"m.onnx"``); ``"x.onnx"`` -> (``"onnx"``, ``"x.onnx"``);
+    other names unchanged. A checkpoint next to a path in the name is refused."""
+    for prefix in PATH_PREFIXES:
+        if name.startswith(prefix):
+            if checkpoint is not None:
+                raise ModelError(
+                    f"model {name}: the name already gives the {prefix[:-1]} path; drop checkpoint="
+                )
+            return prefix[:-1], name[len(prefix):]
+    if name.lower().endswith(".onnx") and checkpoint is None:
+        return "onnx", name
+    return name, checkpoint
 
 
 def load_model(
@@ -55,16 +80,22 @@ def load_model(
             f"model name {name!r} is empty; use one of {', '.join(known_names())} or a model file"
         )
     name = name.strip()
+    opts = check_options(options, f"model {name}")
     dev = resolve_device(device)
-    opts = dict(options)
+    class_map = opts.pop("class_map", None)
     runtime = {k: opts.pop(k) for k in RUNTIME_OPTIONS if k in opts}
     ckpt = str(checkpoint) if checkpoint is not None else None
+    name, ckpt = split_path_name(name, ckpt)
     if name in FAMILIES:
         model: SegmentationModel = load_family(FAMILIES[name], ckpt, dev, opts, runtime)
     elif name == "tflite" or (name.lower().endswith(".tflite") and ckpt is None):
         model = load_tflite(ckpt if name == "tflite" else name, dev, opts, runtime)
     elif name.startswith("torchvision:"):
         model = load_torchvision(name.split(":", 1)[1], ckpt, dev, opts, runtime)
+    elif name == "onnx":
+        model = load_onnx(ckpt, dev, opts, runtime)
+    elif name == "hf":
+        model = load_hf(ckpt, dev, opts, runtime)
     elif _looks_like_path(name) or Path(name).is_file():
         if ckpt is not None:
             raise ModelError(f"model file {name}: checkpoint= does not apply to a TorchScript/export file")
@@ -72,10 +103,12 @@ def load_model(
     else:
         raise ModelError(
             f"unknown model name {name!r}; use one of {', '.join(known_names())}, "
-            "or a path to a TorchScript / torch.export / .tflite file"
+            "or a path to a TorchScript / torch.export / .tflite / .onnx file"
         )
     if opts:
         raise ModelError(f"model {name}: unknown option(s) {', '.join(sorted(opts))}")
+    if class_map is not None:
+        model = apply_class_map(model, resolve_class_map_ref(class_map))
     return model
 
 
@@ -96,16 +129,41 @@ def read_model_specs(path: str | os.PathLike[str]) -> list[ModelSpec]:
     tables = data.get("models")
     if not isinstance(tables, list) or not tables:
         raise ModelError(f"model config {path}: needs one or more [[models]] tables with a name")
-    specs = []
-    for i, table in enumerate(tables):
-        try:
-            spec = ModelSpec.from_dict(table)
-        except ModelError as exc:
-            raise ModelError(f"model config {path}, models[{i}]: {exc}") from None
-        if spec.checkpoint and not Path(spec.checkpoint).expanduser().is_absolute():
-            spec = ModelSpec(spec.name, str((path.parent / spec.checkpoint).resolve()), spec.options)
-        specs.append(spec)
-    return specs
+    return [model_spec_from_table(table, path, f"models[{i}]") for i, table in enumerate(tables)]
+
+
+def model_spec_from_table(table: Any, path: Path, where: str) -> ModelSpec:
+    """A :class:`ModelSpec` from one TOML table of the file ``path`` (``where`` names the table).
+
+    Wrongly typed values (``checkpoint = 5``, ``options = "x"``, ``seed = "x"``) raise one
+    :class:`ModelError` naming the file and the key. Relative paths (checkpoint, ``onnx:``/``hf:``
+    names, ``class_map`` and ``pretrained`` files) are relative to the file's folder.
+    """
+    label = f"model config {path}, {where}"
+    if not isinstance(table, Mapping):
+        raise ModelError(f"{label}: must be a table with a name, got {table!r}")
+    try:
+        spec = ModelSpec.from_dict(table)
+    except ModelError as exc:
+        raise ModelError(f"{label}: {exc}") from None
+    opts = check_options(spec.options, label, prefix="")
+    base = path.parent
+
+    def rel(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    name, ckpt = spec.name, spec.checkpoint
+    for prefix in PATH_PREFIXES:
+        if name.startswith(prefix):
+            name = prefix + rel(name[len(prefix):])
+    if ckpt:
+        ckpt = rel(ckpt)
+    if "class_map" in opts:
+        opts["class_map"] = resolve_class_map_ref(opts["class_map"], base)
+    if "pretrained" in opts:
+        opts["pretrained"] = rel(opts["pretrained"])
+    return ModelSpec(name, ckpt, opts)
 
 
 def shared_model_specs() -> list[ModelSpec]:
@@ -154,6 +212,30 @@ def list_models() -> list[dict[str, Any]]:
             "checkpoints": [str(cached)] if cached.is_file() else [],
         })
     out.append({
+        "name": "onnx",
+        "kind": "onnx",
+        "trainable": False,
+        "options": "checkpoint=<file.onnx>, input_name, output_name, layout (NCHW|NHWC), input_size (if "
+                   "dynamic), mean, std, output (logits|probabilities|labels), class_names, num_classes, "
+                   "provider (auto|cpu|cuda), num_threads",
+        "description": "any ONNX segmentation model through onnxruntime; layout, size and output kind "
+                       "read from the model where possible",
+        "example": '{ name = "onnx", checkpoint = "models/deeplab.onnx", options = { input_size = 512 } }',
+        "checkpoints": [],
+    })
+    out.append({
+        "name": "hf",
+        "kind": "transformers",
+        "trainable": True,
+        "options": "checkpoint=<local folder> (or pretrained=<folder> with a fine-tuned .pth), input_size, "
+                   "mean, std (default: the folder's image processor), class_names",
+        "description": "a local Hugging Face transformers semantic-segmentation folder (SegFormer, UperNet, "
+                       "DPT, MobileViT, ...); no network",
+        "example": '{ name = "hf", checkpoint = "models/segformer-b0-ade-512", '
+                   'options = { class_map = "ade20k-voc" } }',
+        "checkpoints": [],
+    })
+    out.append({
         "name": "<path>.pt / .pt2",
         "kind": "torchscript/export",
         "trainable": False,
@@ -161,4 +243,24 @@ def list_models() -> list[dict[str, Any]]:
         "description": "any TorchScript or torch.export program: normalised [B,3,h,w] -> logits [B,C,h,w]",
         "checkpoints": [],
     })
+    out.append({
+        "name": "class_map=<map>",
+        "kind": "option of every entry",
+        "trainable": False,
+        "options": f"shipped maps: {', '.join(shipped_class_maps())}; or a .toml/.json map file",
+        "description": "predict in another class list (e.g. an ADE20K model in a VOC experiment); see "
+                       "ml_backend/zoo/classmaps/README.md",
+        "example": '{ name = "onnx", checkpoint = "ade.onnx", options = { class_map = "ade20k-voc" } }',
+        "checkpoints": [],
+    })
+    examples = {
+        "tflite": '{ name = "tflite", checkpoint = "{shared}/models/tflite/deeplabv3_mnv2_dm05_voc.tflite" }',
+        "<path>.pt / .pt2": '{ name = "models/mynet.pt2", options = { input_size = 512 } }',
+        **{fam: f'{{ name = "{fam}", options = {{ scale = {f.default_scale}, input_size = 384 }} }}'
+           for fam, f in FAMILIES.items()},
+    }
+    for e in out:
+        tv = f'{{ name = "{e["name"]}", options = {{ input_size = 520 }} }}'
+        fallback = tv if e["name"].startswith("torchvision:") else ""
+        e.setdefault("example", examples.get(e["name"]) or fallback)
     return out
