@@ -446,20 +446,45 @@ class _Reader:
 
     # -- compound values -----------------------------------------------------------------------
     def model(self, sec: Mapping[str, Any], where: str, default_key: str | None) -> ModelConfig:
+        """A model table. Paths (``checkpoint``, ``onnx:``/``hf:`` names, model files, the options
+        ``class_map`` and ``pretrained``) are resolved against the config's folder, and option
+        values are type-checked (``ml_backend.zoo.options``), each error naming the key."""
+        from ml_backend.zoo.classmap import resolve_class_map_ref
+        from ml_backend.zoo.options import option_problem
+
         name = self.str_(sec, where, "name")
-        if "/" in name or name.endswith((".pt", ".pt2", ".ts", ".jit", ".pte")):
+        prefix = next((p for p in ("onnx:", "hf:") if name.startswith(p)), None)
+        if prefix is not None:
+            name = prefix + str(self.path(name[len(prefix):], where, "name", must="exists"))
+        elif "/" in name or name.endswith((".pt", ".pt2", ".ts", ".jit", ".pte", ".onnx", ".tflite")):
             name = str(self.path(name, where, "name", must="file"))
         ckpt = sec.get("checkpoint")
         checkpoint = None if ckpt is None else str(self.path(ckpt, where, "checkpoint", must="exists"))
         options = sec.get("options", {})
         if not isinstance(options, dict):
             raise self.fail(where, f"options must be a table (e.g. {{ scale = 2.0 }}), got {options!r}")
+        options = copy.deepcopy(options)
+        for opt, value in options.items():
+            problem = option_problem(str(opt), value)
+            if problem:
+                raise self.fail(where, f"options.{opt} {problem}")
+        if "class_map" in options:
+            try:
+                options["class_map"] = resolve_class_map_ref(options["class_map"], self.base)
+            except MadsegError as exc:
+                raise self.fail(where, f"options.class_map: {exc}") from None
+            if "/" in options["class_map"] and self.check_paths and not Path(options["class_map"]).is_file():
+                raise self.fail(where, f"options.class_map: file {options['class_map']} does not exist; "
+                                "fix the path or use a shipped map (ade20k-voc, coco-panoptic-voc)")
+        if "pretrained" in options:
+            folder = self.path(options["pretrained"], where, "options.pretrained", must="dir")
+            options["pretrained"] = str(folder)
         key = sec.get("key", default_key)
         if key is None:
             key = _default_key(name, checkpoint, options)
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise self.fail(where, f"key must be a short name of letters, digits and _.@=+-, got {key!r}")
-        return ModelConfig(key=key, name=name, checkpoint=checkpoint, options=copy.deepcopy(options))
+        return ModelConfig(key=key, name=name, checkpoint=checkpoint, options=options)
 
     def labelled(self, sec: Mapping[str, Any], where: str, default_subset: str) -> LabelledSetConfig:
         root = self.path(sec.get("root"), where, "root", must="dir")
@@ -482,7 +507,13 @@ class _Reader:
 
 
 def _default_key(name: str, checkpoint: str | None, options: Mapping[str, Any]) -> str:
-    """A readable key from the model name, its scale and input size (e.g. ``espnetv2-s2.0-384``)."""
+    """A readable key from the model name, its scale and input size (e.g. ``espnetv2-s2.0-384``;
+    ``onnx``/``hf`` models: the file or folder name, e.g. ``hf-segformer-b0``)."""
+    if name in ("onnx", "hf") and checkpoint:
+        name = f"{name}:{checkpoint}"
+    for prefix in ("onnx:", "hf:"):
+        if name.startswith(prefix):
+            name = prefix[:-1] + "-" + re.sub(r"[^A-Za-z0-9_.=+-]", "-", Path(name[len(prefix):]).stem)
     base = Path(name).stem if "/" in name else name.replace(":", "-")
     parts = [base]
     if "scale" in options:
