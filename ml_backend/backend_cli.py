@@ -1,7 +1,8 @@
 """``madseg backend`` (the ML backend under gunicorn) and ``madseg worker`` (rq worker for fine-tunes).
 
 Both read their configuration from environment variables (:mod:`ml_backend.backend_config`);
-command-line options override the listen address and the queue.
+command-line options override the listen address and the queue. The ``madseg`` program
+(``projects.cli``) registers them with :func:`register`; ``python -m ml_backend`` runs :func:`main`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .backend_config import BackendConfig
@@ -92,8 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "variables (MADSEG_MODEL, MADSEG_CHECKPOINT, MADSEG_MODEL_DIR, REDIS_URL, LABEL_STUDIO_URL, ...; "
         "see ml_backend/backend_config.py).",
     )
-    p.add_argument("--host", default=None, help="listen address (default: $MADSEG_BACKEND_HOST, 0.0.0.0)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default: $MADSEG_BACKEND_PORT, 9090)")
+    _backend_arguments(p)
     p.set_defaults(func=_backend)
 
     w = subparsers.add_parser(
@@ -107,9 +108,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.set_defaults(func=_worker)
 
 
-def main() -> int:
-    """``python -m ml_backend``: the same as ``madseg backend``."""
-    from projects.cli import main as madseg_main
+def _backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="listen address (default: $MADSEG_BACKEND_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: $MADSEG_BACKEND_PORT, 9090)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ml_backend``: ``madseg backend`` on its own (``madseg`` itself is ``projects.cli``).
+
+    The experiment TOML is not read here (it belongs to ``projects``): give the settings file in
+    ``MADSEG_BACKEND_SETTINGS``, or use ``madseg backend`` with ``MADSEG_EXPERIMENT``.
+    """
+    from .errors import MadsegError
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return madseg_main(["backend", *sys.argv[1:]])
+    parser = argparse.ArgumentParser(
+        prog="python -m ml_backend",
+        description="Serve the Label Studio ML backend under gunicorn (the same as `madseg backend`).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _backend_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _backend(args)
+    except MadsegError as exc:
+        print(f"madseg backend: error: {exc}", file=sys.stderr)
+        return 2

@@ -6,9 +6,12 @@ starts from):
 ``MADSEG_MODEL``            zoo model name, e.g. ``espnetv2``, ``dicenet``, ``tflite``, ``torchvision:<b>``
 ``MADSEG_CHECKPOINT``       checkpoint file of the target (optional for names that imply one)
 ``MADSEG_MODEL_OPTIONS``    JSON object of zoo options, e.g. ``{"scale": 0.5, "input_size": 256}``
-``MADSEG_EXPERIMENT``       an experiment TOML (``projects.experiment``): its ``[target]``, ``[finetune]``
-                            (fine-tune settings; S(0) replayed when ``replay`` is true), ``[s0]``, ``[t0]``
-                            and ``[label_studio] document_root`` fill in what the variables here leave unset
+``MADSEG_EXPERIMENT``       an experiment TOML: its ``[target]``, ``[finetune]`` (fine-tune settings; S(0)
+                            replayed when ``replay`` is true), ``[s0]``, ``[t0]``, pool folders and
+                            ``[label_studio] document_root`` fill in what the variables here leave unset.
+                            Read by ``madseg backend`` / ``madseg worker`` (``projects.backend_settings``),
+                            which write them as data to ``<experiment dir>/backend-settings.json`` and set
+``MADSEG_BACKEND_SETTINGS`` to it: the file the backend reads (``ml_backend.experiment_settings``)
 ``MADSEG_DEVICE``           torch device (default: the zoo's choice)
 
 Model directory, queue, fine-tuning:
@@ -145,39 +148,22 @@ def _project_ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _from_experiment(path: str) -> dict[str, Any]:
-    """The backend-relevant parts of an experiment TOML (validated by ``projects.experiment``)."""
-    from projects.experiment import load_experiment
+def _experiment_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The experiment's settings as data (:mod:`ml_backend.experiment_settings`), from the file named by
+    ``MADSEG_BACKEND_SETTINGS``; {} when there is none. The backend never reads the experiment TOML
+    itself: ``madseg backend`` / ``madseg worker`` (``projects.backend_settings``) write that file
+    from ``MADSEG_EXPERIMENT``."""
+    from .experiment_settings import SETTINGS_ENV, ExperimentSettings
 
-    exp = load_experiment(path)
-    ft = exp.finetune.to_dict()
-    replay = ft.pop("replay", False)
-    return {
-        "target": exp.target.spec(),
-        "finetune": ft,
-        "replay": exp.s0.to_dict() if replay else None,
-        "val": exp.t0.to_dict(),
-        "document_root": str(exp.document_root()),
-        "dir": str(exp.dir),
-        "pool_dirs": [str(p) for p in _pool_dirs(exp)],
-        "ground_truth": [str(p) for p in exp.oracle.gt]
-        + [str(Path(s.root) / "masks") for s in (exp.s0, exp.t0) if getattr(s, "root", None)],
-    }
-
-
-def _pool_dirs(exp: Any) -> list[Path]:
-    """The folders the experiment's pool images live in: its pool folders, and for list files the
-    folder of each listed local entry (the backend reads local task images only from these)."""
-    out = [Path(p) for p in exp.pool.folders]
-    if exp.pool.lists:
-        from sampler.pool import _list_entries, is_url
-
-        for list_file in exp.pool.lists:
-            for entry in _list_entries(Path(list_file)):
-                if not is_url(entry):
-                    p = Path(entry)
-                    out.append(p if p.is_dir() else p.parent)
-    return list(dict.fromkeys(out))
+    path = env.get(SETTINGS_ENV, "").strip()
+    if path:
+        return ExperimentSettings.read(path).to_json()
+    if env.get("MADSEG_EXPERIMENT", "").strip():
+        raise MadsegError(
+            f"MADSEG_EXPERIMENT is read by `madseg backend` / `madseg worker`, which turn it into "
+            f"{SETTINGS_ENV} (a JSON file); start the backend with one of them, or set {SETTINGS_ENV}"
+        )
+    return {}
 
 
 @dataclass(frozen=True)
@@ -270,9 +256,7 @@ class BackendConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendConfig:
         """Build the configuration from ``env`` (default ``os.environ``); bad values -> MadsegError."""
         env = os.environ if env is None else env
-        exp: dict[str, Any] = {}
-        if env.get("MADSEG_EXPERIMENT", "").strip():
-            exp = _from_experiment(env["MADSEG_EXPERIMENT"].strip())
+        exp = _experiment_settings(env)
         exp_target = exp.get("target") or {}
 
         name = env.get("MADSEG_MODEL", "").strip() or exp_target.get("name")

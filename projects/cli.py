@@ -25,6 +25,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sampler.cli",
 )
 
+#: Commands of ``ml_backend.backend_cli`` that read ``MADSEG_EXPERIMENT`` through
+#: ``projects.backend_settings`` (the backend itself never reads the experiment TOML).
+BACKEND_COMMANDS: frozenset[str] = frozenset({"backend", "worker"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``madseg`` argument parser with every registered subcommand."""
@@ -55,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command in BACKEND_COMMANDS:  # the backend gets the experiment's settings as data
+            from .backend_settings import prepare_backend_env
+
+            prepare_backend_env(os.environ)
         rc = args.func(args)
     except MadsegError as exc:
         print(f"madseg {args.command}: error: {exc}", file=sys.stderr)

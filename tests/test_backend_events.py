@@ -267,12 +267,16 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     """MADSEG_EXPERIMENT fills target, fine-tune settings (-> a valid FinetuneConfig), S(0), T(0)."""
     from ml_backend.jobs import finetune_config
     from ml_backend.shared import shared_dir
+    from projects.backend_settings import prepare_backend_env
     from projects.experiment import load_experiment
 
     monkeypatch.chdir(tmp_path)
     toml = Path(__file__).resolve().parents[1] / "projects" / "templates" / "demo.toml"
     exp = load_experiment(toml)
-    cfg = BackendConfig.from_env({"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path)})
+    env = {"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path)}
+    settings = prepare_backend_env(env)  # what `madseg backend` does first: the experiment as data
+    assert settings is not None and env["MADSEG_BACKEND_SETTINGS"] == str(settings)
+    cfg = BackendConfig.from_env(env)
     assert cfg.target == exp.target.spec()
     assert cfg.replay_dir == (shared_dir() / "data" / "voc_samples").resolve()
     assert cfg.replay_subset == "half0"
@@ -280,9 +284,35 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     ft = finetune_config(cfg.finetune_options)
     assert ft.epochs == exp.finetune.epochs and ft.lrs == exp.finetune.lr_grid
     # explicit variables win over the experiment
-    cfg2 = BackendConfig.from_env({"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path),
-                                   "MADSEG_FINETUNE_OPTIONS": '{"epochs": 1}'})
+    cfg2 = BackendConfig.from_env({**env, "MADSEG_FINETUNE_OPTIONS": '{"epochs": 1}'})
     assert finetune_config(cfg2.finetune_options).epochs == 1
+
+
+def test_backend_does_not_read_the_experiment_toml_itself(tmp_path) -> None:
+    """Without the settings file, MADSEG_EXPERIMENT alone is a clear error (the TOML is projects')."""
+    toml = Path(__file__).resolve().parents[1] / "projects" / "templates" / "demo.toml"
+    with pytest.raises(MadsegError, match="MADSEG_BACKEND_SETTINGS"):
+        BackendConfig.from_env({"MADSEG_EXPERIMENT": str(toml), "MADSEG_MODEL_DIR": str(tmp_path)})
+
+
+def test_experiment_settings_file_round_trip_and_bad_files(tmp_path) -> None:
+    from ml_backend.experiment_settings import ExperimentSettings
+
+    s = ExperimentSettings(target={"name": "espnetv2", "checkpoint": None, "options": {"scale": 0.5}},
+                           finetune={"epochs": 2}, val=None,
+                           pool_dirs=(str(tmp_path),))
+    assert ExperimentSettings.read(s.write(tmp_path / "s.json")) == s
+    cfg = BackendConfig.from_env({"MADSEG_BACKEND_SETTINGS": str(tmp_path / "s.json"),
+                                  "MADSEG_MODEL_DIR": str(tmp_path)})
+    assert cfg.target["options"] == {"scale": 0.5} and cfg.finetune_options == {"epochs": 2}
+    (tmp_path / "bad.json").write_text('{"target": {"name": "espnetv2"}, "epochz": 1}')
+    with pytest.raises(MadsegError, match="unknown key"):
+        ExperimentSettings.read(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(MadsegError, match="not valid JSON"):
+        ExperimentSettings.read(tmp_path / "bad.json")
+    with pytest.raises(MadsegError, match="file not found"):
+        ExperimentSettings.read(tmp_path / "missing.json")
 
 
 def test_unknown_finetune_setting_is_a_clear_error() -> None:
