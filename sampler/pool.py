@@ -15,10 +15,15 @@ A pool is given as one or more *sources*:
 API:
 
 - ``iter_pool_entries(sources) -> Iterator[str]``: absolute local paths and URLs, in order
-  (an entry listed twice is yielded twice; the scorer indexes it once);
+  (an entry listed twice is yielded twice; the scorer indexes it once). Symlink loops, folders
+  that cannot be listed, entries that cannot be examined, broken symlinks and image names that
+  are not regular files (FIFOs, sockets, devices) are yielded as :class:`SkippedEntry` (a path
+  with a ``reason``, logged once), which the scorer reports as ``unreadable`` in
+  ``pool_report.tsv`` like any unreadable file; the walk goes on;
 - ``check_sources(sources)``: MadsegError for a missing/unknown top-level source;
 - ``count_pool_entries(sources) -> int``;
-- ``read_source(entry, timeout=30.0) -> bytes`` (local file or URL via ``requests``; raises
+- ``read_source(entry, timeout=30.0) -> bytes`` (local regular file — opened non-blocking, so a
+  FIFO cannot hang the scan — or URL via ``requests``; raises
   :class:`~ml_backend.errors.ImageReadError` naming the entry);
 - ``stat_source(entry) -> (size, mtime_ns) | None`` (``None`` for URLs);
 - ``content_id(data) -> str``: the image id, the 32-hex-digit BLAKE2b-128 of the file bytes;
@@ -32,9 +37,12 @@ API:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
+import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,6 +56,8 @@ HEADER_NAMES = ("path", "url", "image", "file", "filename", "uri")
 #: Largest download accepted from a URL (bytes).
 MAX_URL_BYTES = 256 * 1024 * 1024
 
+log = logging.getLogger(__name__)
+
 
 def is_url(entry: str) -> bool:
     """Whether ``entry`` is an http(s) URL."""
@@ -55,21 +65,108 @@ def is_url(entry: str) -> bool:
     return low.startswith("http://") or low.startswith("https://")
 
 
+class SkippedEntry(str):
+    """A path met while walking a pool folder that cannot be used: a symlink loop, a folder that
+    cannot be listed, an entry that cannot be examined, a broken symlink, or an image name that is
+    not a regular file (a FIFO would block the reader). It is still yielded (a ``str``: the path)
+    so that the scorer records it like a bad image — :func:`stat_source` and :func:`read_source`
+    raise :class:`ImageReadError` with ``reason`` — and it appears in ``pool_report.tsv`` as
+    ``unreadable``. The walk logs one warning line per skipped path and carries on."""
+
+    reason: str
+
+    def __new__(cls, path: str, reason: str) -> SkippedEntry:
+        obj = super().__new__(cls, path)
+        obj.reason = reason
+        return obj
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _skip(path: str, reason: str) -> SkippedEntry:
+    path = os.path.abspath(path)
+    log.warning("pool: skipped %s: %s", path, reason)
+    return SkippedEntry(path, reason)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _loop_reason(entry: os.DirEntry[str], ancestor: str) -> str:
+    if entry.is_symlink():
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            target = "?"
+        return f"symlink loop ({entry.name} -> {target} leads back to {ancestor}); not followed"
+    return f"folder loop (the same folder as {ancestor}, e.g. a bind mount); not followed"
+
+
 def _walk_images(folder: Path) -> Iterator[str]:
-    """Image files below ``folder``, recursive, in sorted order, one directory at a time."""
-    stack = [folder]
+    """Image files below ``folder``, recursive, in sorted order, one directory at a time.
+
+    Symlinked folders are followed unless they lead back to a folder on the current path (a
+    loop); loops, folders that cannot be listed, entries that cannot be examined, broken
+    symlinks and image names that are not regular files are yielded as :class:`SkippedEntry`
+    (reported, then skipped like bad images) and the walk continues.
+    """
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        yield _skip(str(folder), f"cannot read folder ({_why(exc)})")
+        return
+    # each pending folder carries its ancestors' (device, inode) -> path, to recognise loops
+    stack: list[tuple[str, dict[tuple[int, int], str]]] = [
+        (str(folder), {(st.st_dev, st.st_ino): os.path.abspath(folder)})
+    ]
     while stack:
-        cur = stack.pop()
+        cur, ancestors = stack.pop()
         try:
             with os.scandir(cur) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            yield _skip(cur, f"cannot list folder ({_why(exc)})")
             continue
-        dirs = []
+        dirs: list[tuple[str, dict[tuple[int, int], str]]] = []
         for e in entries:
-            if e.is_dir(follow_symlinks=True):
-                dirs.append(Path(e.path))
-            elif e.name.lower().endswith(IMAGE_SUFFIXES):
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+                if is_dir:
+                    est = e.stat(follow_symlinks=True)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    yield _skip(e.path, "symlink loop (too many levels of symbolic links); not followed")
+                else:
+                    yield _skip(e.path, f"cannot examine entry ({_why(exc)})")
+                continue
+            if is_dir:
+                key = (est.st_dev, est.st_ino)
+                if key in ancestors:
+                    yield _skip(e.path, _loop_reason(e, ancestors[key]))
+                else:
+                    dirs.append((e.path, {**ancestors, key: os.path.abspath(e.path)}))
+                continue
+            is_image = e.name.lower().endswith(IMAGE_SUFFIXES)
+            if e.is_symlink() and not os.path.exists(e.path):
+                try:
+                    target = os.readlink(e.path)
+                except OSError:
+                    target = "?"
+                yield _skip(e.path, f"broken symlink (-> {target})")
+            elif is_image and not e.is_file(follow_symlinks=True):
+                try:
+                    kind = _file_kind(e.stat(follow_symlinks=True).st_mode)
+                except OSError as exc:
+                    kind = f"cannot examine entry ({_why(exc)})"
+                yield _skip(e.path, f"{kind}, not an image file")
+            elif is_image:
                 yield os.path.abspath(e.path)
         stack.extend(reversed(dirs))
 
@@ -183,23 +280,39 @@ def count_pool_entries(sources: Sequence[str | os.PathLike[str]]) -> int:
 
 def stat_source(entry: str) -> tuple[int, int] | None:
     """``(size, mtime_ns)`` of a local file; ``None`` for URLs; raises ImageReadError if missing."""
+    if isinstance(entry, SkippedEntry):
+        raise ImageReadError(f"{entry}: {entry.reason}")
     if is_url(entry):
         return None
     try:
         st = os.stat(entry)
     except OSError as exc:
         raise ImageReadError(f"{entry}: cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{entry}: {_file_kind(st.st_mode)}, not an image file")
     return st.st_size, st.st_mtime_ns
 
 
 def read_source(entry: str, timeout: float = 30.0) -> bytes:
     """The bytes of a local file or URL; :class:`ImageReadError` naming ``entry`` on failure."""
+    if isinstance(entry, SkippedEntry):
+        raise ImageReadError(f"{entry}: {entry.reason}")
     if not is_url(entry):
         try:
-            with open(entry, "rb") as fh:
+            # O_NONBLOCK: opening a FIFO must not hang; anything but a regular file is refused
+            fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise ImageReadError(f"{entry}: cannot read file ({exc.strerror or exc})") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageReadError(f"{entry}: {_file_kind(mode)}, not an image file")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
                 return fh.read()
         except OSError as exc:
             raise ImageReadError(f"{entry}: cannot read file ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
     import requests
 
     try:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import json
+import logging
+import os
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
@@ -17,13 +24,17 @@ from PIL import Image
 
 from ml_backend.errors import ImageReadError, MadsegError
 from sampler.pool import (
+    SkippedEntry,
     check_sources,
     content_id,
     count_pool_entries,
     decode_image,
     iter_pool_entries,
     read_source,
+    stat_source,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _rgb(seed: int, h: int = 40, w: int = 56) -> np.ndarray:
@@ -172,3 +183,154 @@ def test_read_source_from_url(http_root):
         read_source(f"{base}/missing.png")
     with pytest.raises(ImageReadError, match="download failed"):
         read_source("http://127.0.0.1:9/nothing.png", timeout=2)
+
+
+# ------------------------------------------------------------------ loops and unreadable entries
+def _problem_tree(tmp: Path) -> dict[str, Path]:
+    """A pool with good images, a symlinked folder that is not a loop (followed), two symlink loops,
+    a broken symlink and a FIFO named like an image. Returns name -> path."""
+    root = tmp / "pool"
+    f = {"root": root}
+    f["a"] = _save(Image.fromarray(_rgb(21)), root / "a.jpg")
+    f["b"] = _save(Image.fromarray(_rgb(22)), root / "sub" / "b.png")
+    f["c"] = _save(Image.fromarray(_rgb(23)), tmp / "outside" / "c.jpg")
+    f["link"] = root / "linked"
+    f["link"].symlink_to(tmp / "outside", target_is_directory=True)  # not a loop: followed
+    f["back"] = root / "sub" / "back"
+    f["back"].symlink_to("..", target_is_directory=True)  # loop: leads back to the pool folder
+    f["self"] = root / "self"
+    f["self"].symlink_to("self")  # ELOOP on every stat
+    f["dangling"] = root / "dangling.jpg"
+    f["dangling"].symlink_to(tmp / "gone.jpg")
+    f["fifo"] = root / "pipe.jpg"
+    os.mkfifo(f["fifo"])
+    return f
+
+
+def test_symlink_loops_are_reported_and_skipped_and_the_walk_continues(tmp_path, caplog):
+    f = _problem_tree(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sampler.pool"):
+        entries = list(iter_pool_entries([f["root"]]))
+    good = [e for e in entries if not isinstance(e, SkippedEntry)]
+    skipped = {e: e.reason for e in entries if isinstance(e, SkippedEntry)}
+    # positive control: every real image is found, also through the symlinked folder that is no loop
+    assert good == [str(f["a"]), str(f["link"] / "c.jpg"), str(f["b"])]
+    assert set(skipped) == {str(f[k]) for k in ("back", "self", "dangling", "fifo")}
+    assert "symlink loop" in skipped[str(f["back"])] and str(f["root"]) in skipped[str(f["back"])]
+    assert "symlink loop" in skipped[str(f["self"])]
+    assert "broken symlink" in skipped[str(f["dangling"])]
+    assert "FIFO" in skipped[str(f["fifo"])]
+    for path in skipped:  # one log line naming each skipped path
+        assert sum(path in r.getMessage() for r in caplog.records) == 1
+    # the scorer sees them as unreadable entries with the reason
+    for path, reason in skipped.items():
+        with pytest.raises(ImageReadError) as exc:
+            stat_source(path)
+        assert str(exc.value) == f"{path}: {reason}"
+    assert count_pool_entries([f["root"]]) == 7
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_or_folder_given_as_an_image_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    for entry in (str(fifo), str(tmp_path)):
+        with pytest.raises(ImageReadError, match="not an image file"):
+            read_source(entry)  # a plain open() of a FIFO would wait for a writer forever
+        with pytest.raises(ImageReadError, match="not an image file"):
+            stat_source(entry)
+    good = _save(Image.fromarray(_rgb(24)), tmp_path / "good.png")  # positive control
+    assert read_source(str(good)) == good.read_bytes() and stat_source(str(good))[0] == good.stat().st_size
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_and_skipped(tmp_path, monkeypatch, caplog):
+    """We run as root, which ignores permissions: a PermissionError from scandir is injected for one
+    folder (the real chmod-000 case runs unprivileged in the next test)."""
+    f = _problem_tree(tmp_path)
+    locked = f["root"] / "locked"
+    _save(Image.fromarray(_rgb(25)), locked / "hidden.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.abspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr("sampler.pool.os.scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="sampler.pool"):
+        entries = list(iter_pool_entries([f["root"]]))
+    skipped = {e: e.reason for e in entries if isinstance(e, SkippedEntry)}
+    assert skipped[str(locked)] == "cannot list folder (Permission denied)"
+    assert any(str(locked) in r.getMessage() for r in caplog.records)
+    # the rest of the pool is still walked, before and after the locked folder
+    assert [e for e in entries if not isinstance(e, SkippedEntry)] == [
+        str(f["a"]), str(f["link"] / "c.jpg"), str(f["b"])]
+    monkeypatch.setattr("sampler.pool.os.scandir", real_scandir)  # positive control
+    assert str(locked / "hidden.jpg") in list(iter_pool_entries([f["root"]]))
+
+
+_WALK = ("import json, sys; from sampler.pool import SkippedEntry, iter_pool_entries; "
+         "print(json.dumps([[e, getattr(e, 'reason', None)] for e in iter_pool_entries([sys.argv[1]])]))")
+
+
+def test_a_chmod_000_folder_is_reported_and_skipped_for_an_unprivileged_user():
+    """A real permission error: the walk runs as user nobody when we are root (root reads anything)."""
+    base = Path(tempfile.mkdtemp(prefix="madseg-perm-"))
+    try:
+        base.chmod(0o755)
+        root = base / "pool"
+        a = _save(Image.fromarray(_rgb(26)), root / "a.jpg")
+        z = _save(Image.fromarray(_rgb(27)), root / "z" / "z.jpg")
+        locked = root / "locked"
+        _save(Image.fromarray(_rgb(28)), locked / "hidden.jpg")
+        for p in (root, root / "z"):
+            p.chmod(0o755)
+        cmd = [sys.executable, "-c", _WALK, str(root)]
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.fail("setpriv (util-linux) is needed to run the walk unprivileged")
+            cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+
+        def walk() -> tuple[list[list], str]:
+            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+            return json.loads(res.stdout), res.stderr
+
+        locked.chmod(0o755)  # positive control: readable, walked
+        entries, err = walk()
+        assert entries == [[str(a), None], [str(locked / "hidden.jpg"), None], [str(z), None]]
+        assert "skipped" not in err
+        locked.chmod(0o000)
+        entries, err = walk()
+        assert entries == [[str(a), None], [str(locked), "cannot list folder (Permission denied)"],
+                           [str(z), None]]
+        assert f"pool: skipped {locked}: cannot list folder (Permission denied)" in err
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(base)
+
+
+@pytest.mark.slow
+def test_madseg_score_reports_loops_and_unreadable_entries_and_scores_the_rest(tmp_path, capsys):
+    """The CLI on a pool with symlink loops, a broken symlink and a FIFO: exit 0, every real image
+    scored, each problem path one ``unreadable`` line of pool_report.tsv with its reason."""
+    from projects.cli import main as madseg_main
+
+    f = _problem_tree(tmp_path)
+    store = tmp_path / "store"
+    rc = madseg_main(["score", str(f["root"]), "--store", str(store),
+                      "--target", "espnetv2,scale=0.5,input_size=256",
+                      "--competitor", "espnetv2,scale=1.0,input_size=256",
+                      "--batch-size", "2", "--workers", "0", "--no-progress", "--json"])
+    out = capsys.readouterr().out
+    assert rc in (0, None)
+    stats = json.loads(out[out.index("{"):])
+    assert stats["images"] == 3 and stats["bad"] == 0 and stats["unreadable"] == 4
+    assert sorted(stats["inferred"].values()) == [3, 3]
+    rows = [line.split("\t") for line in (store / "pool_report.tsv").read_text().splitlines()[1:]]
+    report = {path: (kind, detail) for kind, path, detail in rows}
+    for key, words in (("back", "symlink loop"), ("self", "symlink loop"), ("dangling", "broken symlink"),
+                       ("fifo", "FIFO")):
+        kind, detail = report[str(f[key])]
+        assert kind == "unreadable" and words in detail, (key, detail)
