@@ -246,10 +246,17 @@ def run_demo(args: argparse.Namespace, options: Any) -> int:
     # normal exit path, so Label Studio and the ML backend are stopped too; re-running resumes.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
+    from .preflight import require_preflight
+
+    # before starting anything: every model loads and predicts the experiment's classes
+    require_preflight(exp, "the demo's models", label_studio=False, device=options.device)
     with experiment_lock(exp.dir):
         config_copy = exp.dir / "experiment.toml"
         atomic_write_text(config_copy, _toml_with_overrides(config.read_text(), overrides, exp))
         with servers(exp, exp.dir, config_copy, args.port, args.backend_port, args.keep_running) as srv:
+            # what the demo started: Label Studio accepts the token, the backend answers
+            require_preflight(exp, "the demo's servers", models=False,
+                              backend_url=exp.label_studio.backend_url)
             options.backend_url = exp.label_studio.backend_url
             options.model_dir = exp.dir / "backend"
             results = run_experiment(exp, rounds, options, baseline=args.baseline)

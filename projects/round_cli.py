@@ -88,6 +88,7 @@ def _round(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, preset="paper" if args.paper else None)
     opts = _options(args, backend_url=args.backend_url)
+    _preflight(exp, args, services=not args.report)
     with experiment_lock(exp.dir):
         if args.report:
             from .evaluation import evaluate_experiment, render_report
@@ -113,6 +114,20 @@ def _round(args: argparse.Namespace) -> int:
     if results.get("report"):
         print(f"report:  {results['report']}")
     return 0
+
+
+def _preflight(exp: Any, args: argparse.Namespace, *, services: bool) -> None:
+    """Before any long stage: every model loads with the experiment's classes and (``services``)
+    Label Studio, the ML backend URL and Redis (when ``REDIS_URL`` is set) answer; else exit 2."""
+    import os
+
+    from .preflight import require_preflight
+
+    require_preflight(
+        exp, exp.path.name, label_studio=services, device=args.device,
+        backend_url=(args.backend_url or exp.label_studio.backend_url) if services else None,
+        redis_url=(os.environ.get("REDIS_URL") or None) if services else None,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
