@@ -13,8 +13,9 @@ config has the controls we read and write, and return their names.
 
 The one reader of a segmentation config's brush control is :func:`brush_controls_of` (on a parsed
 XML element); :func:`find_brush_controls` (the ML backend: the first ``<BrushLabels>`` of any
-name), :func:`validate_segmentation_config` (round projects: the ``label`` control and the
-experiment's classes) and :func:`is_segmentation_config` (webhook filtering) are built on it.
+name) and :func:`validate_segmentation_config` (round projects: the ``label`` control and the
+experiment's classes) are built on it. :func:`is_segmentation_config` (webhook filtering) only
+asks whether the config has a ``<BrushLabels>`` at all.
 """
 
 from __future__ import annotations
