@@ -7,7 +7,12 @@ computed once and cached in ``<cache_dir>/<model version>__<set name>.npz`` (ato
 by the image stems, so a changed test set is recomputed); every number of the report is derived
 from them:
 
-- Table 1: ``miou[model][set]`` and the per-class IoU;
+- Table 1: ``miou[model][set]`` (standard) and ``gt_miou[model][set]`` (ground-truth-class mIoU,
+  :func:`ml_backend.metrics.gt_class_miou`), the per-class IoU, and each fine-tuned target's
+  promotion-gate verdict (promoted / rejected with the reason, from the round state);
+- "did the round help?" (:func:`round_help`): the gain of each fine-tuned f(i) and of the served
+  model over f(0) on the failure-zone test sets T(1..) (minus its training images), with a paired
+  bootstrap interval over images, and the human effort spent (ratings, masks, lead time);
 - ranking stability (paper Appendix C): :func:`projects.ranking.ranking_stability` on the
   stacked confusions of all models over the set's images, in the set's order;
 - the baseline comparison (paper Appendix A): the same numbers for f_MAD and f_entropy on the MAD
@@ -27,7 +32,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ import numpy as np
 
 from ml_backend.atomic import atomic_write_bytes
 from ml_backend.errors import MadsegError
-from ml_backend.metrics import iou_per_class, miou_from_confusion
+from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +51,15 @@ class TestSet:
     """A labelled test set: ``pairs`` are (image path, mask path) in the set's order.
 
     ``name`` e.g. ``"T(0)"``, ``"T(1)"``; ``drawn_round``: the round whose candidates it was drawn
-    from (0 for the fixed T(0)); ``note``: free text for the report.
+    from (0 for the fixed T(0)); ``note``: free text for the report; ``drawn_against``: key of the
+    model the set was drawn against (the round's target; "" = f(drawn_round - 1)).
     """
 
     name: str
     pairs: tuple[tuple[Path, Path], ...]
     drawn_round: int = 0
     note: str = ""
+    drawn_against: str = ""
 
     @property
     def stems(self) -> list[str]:
@@ -60,7 +67,7 @@ class TestSet:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "size": len(self.pairs), "drawn_round": self.drawn_round,
-                "note": self.note, "images": self.stems}
+                "note": self.note, "images": self.stems, "drawn_against": self.drawn_against or None}
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,10 @@ class Evaluation:
     def miou(self, model: str, test_set: str) -> float:
         cm = self.confusions[(model, test_set)].sum(axis=0)
         return miou_from_confusion(cm)
+
+    def gt_miou(self, model: str, test_set: str) -> float:
+        """Ground-truth-class mIoU of the model on the set (a class only predicted adds no term)."""
+        return gt_class_miou(self.confusions[(model, test_set)].sum(axis=0))
 
     def per_class(self, model: str, test_set: str) -> np.ndarray:
         """(C,) IoU per class on the set (NaN where the class is absent in GT and prediction)."""
@@ -235,25 +246,32 @@ def table1(ev: Evaluation, class_names: Sequence[str]) -> dict[str, Any]:
     """The Table-1 analogue: rows = models, columns = test sets; mIoU, per-class IoU and sizes.
 
     Returns ``{"columns": [set dicts], "rows": [{"model", "role", "round", "label", "version",
-    "miou": {set: float|None}, "per_class": {set: {class: float|None}}, "drawn_against": {set: bool}}]}``.
-    ``drawn_against`` is true where the set's candidates were drawn against this model (the
-    target of the set's round, f(drawn_round - 1)).
+    "miou": {set: float|None}, "gt_miou": {set: float|None}, "per_class": {set: {class: float|None}},
+    "drawn_against": {set: bool}}]}``. ``drawn_against`` is true where the set's candidates were
+    drawn against this model (the target of the set's round: ``TestSet.drawn_against``, else
+    f(drawn_round - 1)).
     """
     rows = []
     for m in ev.models:
         miou: dict[str, float | None] = {}
+        gt_miou: dict[str, float | None] = {}
         per_class: dict[str, dict[str, float | None]] = {}
         drawn: dict[str, bool] = {}
         for ts in ev.sets:
             if (m.key, ts.name) not in ev.confusions:
                 miou[ts.name] = None
+                gt_miou[ts.name] = None
                 continue
             miou[ts.name] = float(ev.miou(m.key, ts.name))
+            gt_miou[ts.name] = float(ev.gt_miou(m.key, ts.name))
             pc = ev.per_class(m.key, ts.name)
             per_class[ts.name] = {class_names[k]: _clean(float(pc[k])) for k in range(len(class_names))}
-            drawn[ts.name] = (m.role == "target" and m.round is not None and ts.drawn_round >= 1
-                              and m.round == ts.drawn_round - 1)
-        rows.append({**m.to_dict(), "version": ev.versions.get(m.key), "miou": miou,
+            if ts.drawn_against:
+                drawn[ts.name] = ts.drawn_round >= 1 and m.key == ts.drawn_against
+            else:
+                drawn[ts.name] = (m.role == "target" and m.round is not None and ts.drawn_round >= 1
+                                  and m.round == ts.drawn_round - 1)
+        rows.append({**m.to_dict(), "version": ev.versions.get(m.key), "miou": miou, "gt_miou": gt_miou,
                      "per_class": per_class, "drawn_against": drawn})
     return {"columns": [ts.to_dict() for ts in ev.sets], "rows": rows}
 
@@ -272,20 +290,128 @@ def ranking_curves(ev: Evaluation) -> dict[str, Any]:
     return out
 
 
+def round_help(
+    ev: Evaluation,
+    train_stems: Mapping[str, Collection[str]],
+    served: str,
+    *,
+    reference: str = "f(0)",
+    criteria: Any = None,
+) -> dict[str, Any]:
+    """"Did the round help?": each fine-tuned model vs ``reference`` on the failure-zone test sets.
+
+    The failure zone is every evaluated test set drawn from MAD candidates (``drawn_round >= 1``:
+    T(1), T(2), ..., the evaluation pass), pooled image by image; a model's own training images
+    (``train_stems[key]``, file stems) are left out of its comparison. Per model: both mIoUs of
+    the reference and the model there, the gain in ground-truth-class mIoU with its paired
+    bootstrap interval over images (``ml_backend.gate.compare_set``), and the gain on T(0).
+    ``served``: key of the model served after the last round (listed even when it is the
+    reference). Returns a JSON-able dict (``rows`` in the order of ``train_stems``, then served).
+    """
+    from ml_backend.gate import GateCriteria, compare_set
+
+    crit = criteria or GateCriteria()
+    zone = [ts for ts in ev.sets if ts.drawn_round >= 1 and ts.pairs]
+    keys = list(train_stems) + ([served] if served not in train_stems else [])
+    rows = []
+    for key in keys:
+        skip = set(train_stems.get(key, ()))
+        ref_parts, parts, used, excluded = [], [], [], 0
+        for ts in zone:
+            if (key, ts.name) not in ev.confusions or (reference, ts.name) not in ev.confusions:
+                continue
+            keep = [k for k, stem in enumerate(ts.stems) if stem not in skip]
+            excluded += len(ts.stems) - len(keep)
+            if keep:
+                ref_parts.append(ev.confusions[(reference, ts.name)][keep])
+                parts.append(ev.confusions[(key, ts.name)][keep])
+                used.append(f"{ts.name} ({len(keep)})")
+        row: dict[str, Any] = {"model": key, "served": key == served, "sets": used,
+                               "excluded_training_images": excluded}
+        if parts:
+            cmp = compare_set("failure zone", np.concatenate(ref_parts), np.concatenate(parts), crit)
+            row.update(images=cmp.n_images, reference_miou=cmp.parent_miou, miou=cmp.child_miou,
+                       reference_gt_miou=cmp.parent_gt_miou, gt_miou=cmp.child_gt_miou,
+                       gain=cmp.delta_gt_miou, gain_miou=cmp.child_miou - cmp.parent_miou,
+                       ci=None if cmp.ci_low is None else [cmp.ci_low, cmp.ci_high])
+        else:
+            row.update(images=0, gain=None, ci=None)
+        if (key, "T(0)") in ev.confusions and (reference, "T(0)") in ev.confusions:
+            row["t0_gain"] = ev.gt_miou(key, "T(0)") - ev.gt_miou(reference, "T(0)")
+        rows.append(row)
+    return {"reference": reference, "served": served, "confidence": crit.confidence,
+            "failure_zone": [ts.name for ts in zone], "rows": rows}
+
+
+def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
+    """The promotion gate's verdict on each fine-tuned f(i) of rounds 1..``rounds`` (from the round
+    state): ``{"f(i)": {"status", "reasons", "parent", "metrics"}}``; "not gated" for a state
+    written before the gate existed."""
+    from .state import RoundState
+
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(1, rounds + 1):
+        st = RoundState.load(exp_dir, i)
+        if not st.done("finetune"):
+            break
+        g = st.outputs("finetune").get("gate") or {}
+        out[f"f({i})"] = {"status": g.get("status", "not gated"), "reasons": list(g.get("reasons") or []),
+                          "parent": g.get("parent"), "metrics": g.get("metrics") or {}}
+    return out
+
+
+def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
+    """Human effort of the experiment's rounds from their state: ratings and masks (finished
+    annotations, annotators, summed ``lead_time``) per round and in total."""
+    from .state import RoundState, round_dir
+
+    per_round = []
+    total = {"ratings": 0, "masks": 0, "lead_time_s": 0.0}
+    simulated = False
+    for i in rounds:
+        st = RoundState.load(exp_dir, i)
+        row: dict[str, Any] = {"round": i}
+        for stage, what in (("ratings", "ratings"), ("masks", "masks")):
+            if not st.done(stage):
+                continue
+            out = st.outputs(stage)
+            eff = out.get("effort")
+            if eff is None:  # state from before effort was recorded: counts only
+                if stage == "ratings":
+                    try:
+                        raw = json.loads((round_dir(exp_dir, i) / "ratings.json").read_text())["raw"] or []
+                    except (OSError, ValueError, KeyError, TypeError):
+                        raw = []
+                    eff = {"annotations": len(raw), "lead_time_s": None}
+                else:
+                    eff = {"annotations": len(out.get("S_stems") or []) + len(out.get("T_stems") or []),
+                           "lead_time_s": None}
+            row[what] = eff.get("annotations", 0)
+            row[f"{what} lead time (s)"] = eff.get("lead_time_s")
+            simulated |= bool(eff.get("simulated"))
+            total[what] += int(eff.get("annotations") or 0)
+            total["lead_time_s"] += float(eff.get("lead_time_s") or 0.0)
+        per_round.append(row)
+    return {"rounds": per_round, "total": total, "simulated": simulated}
+
+
 def table_rows(ev: Evaluation) -> list[tuple[str, list[float | None]]]:
     """(model key, mIoU per set in ``ev.sets`` order) for printing."""
     return [(m.key, [float(ev.miou(m.key, ts.name)) if (m.key, ts.name) in ev.confusions else None
                      for ts in ev.sets]) for m in ev.models]
 
 
-def markdown_table(ev: Evaluation, *, scale: float = 100.0) -> str:
-    """Table 1 as markdown (mIoU x ``scale``, one decimal; "–" where not evaluated)."""
+def markdown_table(ev: Evaluation, *, scale: float = 100.0, marks: Mapping[str, str] | None = None) -> str:
+    """Table 1 as markdown: "mIoU / gt-class mIoU" x ``scale`` (one decimal; "–" where not
+    evaluated); ``marks``: model key -> gate verdict shown after the key (e.g. "rejected")."""
     head = "| model | " + " | ".join(f"{ts.name} (n={len(ts.pairs)})" for ts in ev.sets) + " |"
     sep = "|---|" + "---|" * len(ev.sets)
     lines = [head, sep]
-    for key, vals in table_rows(ev):
-        cells = ["–" if v is None else f"{v * scale:.1f}" for v in vals]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for m in ev.models:
+        cells = [f"{ev.miou(m.key, ts.name) * scale:.1f} / {ev.gt_miou(m.key, ts.name) * scale:.1f}"
+                 if (m.key, ts.name) in ev.confusions else "–" for ts in ev.sets]
+        mark = f" ({marks[m.key]})" if marks and m.key in marks else ""
+        lines.append(f"| {m.key}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -339,18 +465,32 @@ def experiment_test_sets(runner: Any, rounds: int, *, final_eval: bool) -> list[
         if not st.done("masks"):
             continue
         stems = st.outputs("masks")["T_stems"]
-        note = f"drawn from M({i}) (target f({i - 1}))"
+        against = _plan_target_key(round_dir(exp.dir, i)) or f"f({i - 1})"
+        note = f"drawn from M({i}) (target {against})"
         if i == rounds + 1:
             note += f"; evaluation pass after the last round, to evaluate f({rounds}) too"
         if stems:
             sets.append(TestSet(f"T({i})", tuple(labelled_pairs(round_dir(exp.dir, i) / "labels", stems)), i,
-                                note))
+                                note, against))
     cmp_st = RoundState.load(exp.dir / "baseline-compare", 1)
     if cmp_st.done("masks") and cmp_st.outputs("masks")["T_stems"]:
         sets.append(TestSet("T(MAD vs entropy)", tuple(labelled_pairs(
             round_dir(exp.dir / "baseline-compare", 1) / "labels", cmp_st.outputs("masks")["T_stems"])), 0,
             "MAD test set drawn between f_MAD(1) and f_entropy"))
     return sets
+
+
+def _train_stems(rd: Path) -> list[str]:
+    """File stems of a round's training folder (``<round>/train/masks``)."""
+    return sorted(p.stem for p in (rd / "train" / "masks").glob("*.png"))
+
+
+def _plan_target_key(rd: Path) -> str:
+    """The target key a round ran with (its ``plan.json``), "" when unknown."""
+    try:
+        return str(json.loads((rd / "plan.json").read_text()).get("target_key") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def experiment_models(runner: Any, rounds: int) -> list[ModelEntry]:
@@ -469,6 +609,7 @@ def evaluate_experiment(
     """Evaluate every model on every test set of the experiment and write ``results.json``
     (the structure :mod:`projects.report` renders). Returns the results dict."""
     from ml_backend.atomic import atomic_write_json
+    from ml_backend.gate import GateCriteria
     from sampler.candidates import read_candidates
 
     from .report import count_failures, stage_times
@@ -513,10 +654,26 @@ def evaluate_experiment(
                 ft = st.outputs("finetune")
                 row["LR"] = ft.get("lr")
                 row["T(0) mIoU at LR choice"] = ft.get("val_miou")
+                if label == "round":
+                    row["gate"] = (ft.get("gate") or {}).get("status", "not gated")
             row["stages done"] = len(st.done_stages())
             round_rows.append(row)
             i += 1
 
+    gates = gate_verdicts(exp.dir, rounds)
+    t1 = table1(ev, exp.classes)
+    for row in t1["rows"]:
+        if row["key"] in gates:
+            row["gate"] = gates[row["key"]]
+        elif row["key"] == "f(0)":
+            row["gate"] = {"status": "start", "reasons": ["the configured target, served before any round"]}
+    finished = [i for i in range(1, rounds + 1) if RoundState.load(exp.dir, i).done("finetune")]
+    served = runner.target_key(finished[-1]) if finished else "f(0)"
+    train_stems = {f"f({i})": _train_stems(round_dir(exp.dir, i))
+                   for i in finished}
+    help_panel = round_help(ev, train_stems, served, criteria=GateCriteria(seed=exp.seed))
+    help_panel["effort"] = experiment_effort(exp.dir, range(1, rounds + 2))
+    help_panel["gates"] = gates
     results: dict[str, Any] = {
         "experiment": exp.name,
         "classes": list(exp.classes),
@@ -533,7 +690,8 @@ def evaluate_experiment(
                                 f"evaluate f({rounds}) as well; it trains nothing") if final_eval else "no",
         },
         "rounds": round_rows,
-        "table1": table1(ev, exp.classes),
+        "table1": t1,
+        "help": help_panel,
         "failures": count_failures(image_classes, groups) if groups else None,
         "srcc": ranking_curves(ev),
         "stages": stage_times(exp.dir),
@@ -557,7 +715,7 @@ def evaluate_experiment(
         results["galleries"] = _galleries(runner, models, sets)
     except MadsegError as exc:
         log.warning("galleries skipped: %s", exc)
-    results["markdown_table1"] = markdown_table(ev)
+    results["markdown_table1"] = markdown_table(ev, marks={k: g["status"] for k, g in gates.items()})
     atomic_write_json(exp.dir / "results.json", _json_safe(results))
     return results
 

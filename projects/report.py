@@ -14,7 +14,16 @@ a section that says it is not available yet, so the page always has every sectio
         "columns": [{"name": "T(0)", "size": 7, "drawn_round": 0, "note": ""}, ...],
         "rows": [{"key": "f(0)", "label": "...", "role": "target" | "competitor" | ...,
                   "round": 0, "version": "...", "miou": {"T(0)": 0.61, ...},
+                  "gt_miou": {"T(0)": 0.63, ...},            # ground-truth-class mIoU (optional)
+                  "gate": {"status": "promoted" | "rejected" | ..., "reasons": [...]},  # optional
                   "drawn_against": {"T(1)": true, ...}}, ...]},
+      "help": {                                              # = projects.evaluation.round_help()
+        "reference": "f(0)", "served": "f(2)", "confidence": 0.95, "failure_zone": ["T(1)", ...],
+        "rows": [{"model": "f(1)", "served": false, "images": 55, "reference_gt_miou": 0.4,
+                  "gt_miou": 0.45, "gain": 0.05, "ci": [0.01, 0.09], "gain_miou": 0.04,
+                  "t0_gain": -0.002, "sets": ["T(1) (27)", ...]}, ...],
+        "effort": {"total": {"ratings": 90, "masks": 40, "lead_time_s": 0.0}, "simulated": true,
+                   "rounds": [{"round": 1, "ratings": 45, "masks": 20}, ...]}},
       "failures": {"columns": ["round 1 candidates", "round 1 low-rated", ...],
                    "counts": {"person": {"round 1 candidates": 12, ...}, ...}},
       "baseline": {"test_set": "...", "budget": 10, "columns": ["mIoU on T_MAD", ...],
@@ -81,7 +90,7 @@ GALLERY_TITLES: dict[str, tuple[str, str]] = {
         "Test images: ground truth and the target's predictions before and after fine-tuning.",
     ),
 }
-SECTION_IDS = ("summary", "table1", "failures", "baseline", "srcc", "galleries", "stages")
+SECTION_IDS = ("summary", "table1", "help", "failures", "baseline", "srcc", "galleries", "stages")
 
 MaskLike = str | os.PathLike[str] | np.ndarray | Callable[[], np.ndarray] | None
 
@@ -210,6 +219,16 @@ def validate_results(
                 f"table1.rows[{j}].miou",
                 "must map test-set names to numbers or null",
             )
+    hp = results.get("help")
+    if hp is not None:
+        _need(isinstance(hp, Mapping) and isinstance(hp.get("rows"), list)
+              and all(isinstance(r, Mapping) and isinstance(r.get("model"), str) for r in hp["rows"]),
+              source, "'help'", "must have a 'rows' list of {model, gain, ci, ...}")
+        for j, r in enumerate(hp["rows"]):
+            ci = r.get("ci")
+            _need(_is_num(r.get("gain")) and (ci is None or (isinstance(ci, list) and len(ci) == 2
+                                                             and all(_is_num(v) for v in ci))),
+                  source, f"help.rows[{j}]", "needs a numeric 'gain' and 'ci' = [low, high] or null")
     fl = results.get("failures")
     if fl is not None:
         _need(
@@ -291,6 +310,11 @@ span.role{display:inline-block;font-size:11px;padding:0 6px;
   border-radius:8px;margin-left:6px;background:#e9edf3;color:#44506a}
 span.role.target{background:#dce8fb;color:#1f4d99}
 span.role.competitor{background:#f3e8d8;color:#7a4b12}
+span.gate{display:inline-block;font-size:11px;padding:0 6px;border-radius:8px;margin-left:6px}
+span.gate.promoted{background:#dff3e3;color:#1d6b2f}
+span.gate.rejected{background:#fbe0dd;color:#9a2116}
+small.why{color:#9a2116;font-size:11px}
+p.headline{font-size:15px;font-weight:600;margin:6px 0 10px}
 small.v{color:#7b8496;font-size:11px}
 sup.rank{color:#7b8496;font-size:10px;margin-left:2px}
 .missing{color:#8a5a00;background:#fff6e0;
@@ -392,15 +416,24 @@ def _table1(ri: ReportInput) -> str:
         + "</tr>"
     )
     body = ""
-    any_drawn = False
+    any_drawn = any_gate = any_gt = False
     for r in t1["rows"]:
         key = r.get("key", r.get("label"))
         role = r.get("role", "")
         label = r.get("label") or key
         ver = r.get("version") or ""
+        gate = r.get("gate") or {}
+        status = gate.get("status")
+        badge = ""
+        if status:
+            reason = "; ".join(gate.get("reasons") or [])
+            badge = f'<span class="gate {_e(status)}" title="{_e(reason)}">{_e(status)}</span>'
+            any_gate = True
         cell0 = (
-            f'<td class="l">{_e(label)}<span class="role {_e(role)}">{_e(role)}</span>'
+            f'<td class="l">{_e(label)}<span class="role {_e(role)}">{_e(role)}</span>{badge}'
             + (f'<br><small class="v">{_e(ver)}</small>' if ver else "")
+            + (f'<br><small class="why">{_e("; ".join(gate.get("reasons") or []))}</small>'
+               if status == "rejected" else "")
             + "</td>"
         )
         cells = []
@@ -411,17 +444,93 @@ def _table1(ri: ReportInput) -> str:
             cls = ' class="best"' if v is not None and n in best and float(v) == best[n] else ""
             rk = f'<sup class="rank">#{ranks[(key, n)]}</sup>' if (key, n) in ranks else ""
             mark = "†" if drawn and v is not None else ""
-            cells.append(f"<td{cls}>{_pct(v)}{mark}{rk}</td>")
+            g = (r.get("gt_miou") or {}).get(n)
+            gt = f'<br><small class="v">gt {_pct(g)}</small>' if g is not None else ""
+            any_gt |= g is not None
+            cells.append(f"<td{cls}>{_pct(v)}{mark}{rk}{gt}</td>")
         body += f'<tr class="{_e(role)}">{cell0}{"".join(cells)}</tr>'
     note = (
         "Dataset-level mIoU x 100 (confusion matrices summed over the test set). #k = rank in the "
         "column; the best value is highlighted."
     )
+    if any_gt:
+        note += (
+            " gt = ground-truth-class mIoU: the mean over the classes present in the test set's ground "
+            "truth, so a class the model only predicts (one spurious blob) cannot add a zero to the mean."
+        )
+    if any_gate:
+        note += (
+            " promoted / rejected = the promotion gate's verdict on a fine-tuned target (hover for the "
+            "reasons): only a promoted version was served and became the next round's target."
+        )
     if any_drawn:
         note += (
             " † = the test set was drawn against this model (its failures were sought), so it is biased low."
         )
     return _section("table1", title, f"<table>{head}{body}</table>", note)
+
+
+def _signed(v: Any) -> str:
+    return "–" if v is None else f"{100 * float(v):+.1f}"
+
+
+def _help(ri: ReportInput) -> str:
+    hp = ri.data.get("help")
+    title = "Did the round help?"
+    if not hp or not hp.get("rows"):
+        return _section("help", title,
+                        _missing("No fine-tuned model evaluated on a failure-zone test set yet."))
+    ref = hp.get("reference", "f(0)")
+    conf = float(hp.get("confidence") or 0.95)
+    parts = []
+    served = next((r for r in hp["rows"] if r.get("served")), None)
+    if served is not None:
+        if served["model"] == ref:
+            head = (f"The served model is still {ref}: no fine-tuned version passed the promotion gate, "
+                    "so the rounds changed nothing that is served.")
+        else:
+            ci = served.get("ci")
+            ci_txt = f" ({conf:.0%} interval {_signed(ci[0])} to {_signed(ci[1])})" if ci else ""
+            head = (f"Served model {served['model']}: {_signed(served.get('gain'))} points of "
+                    f"ground-truth-class mIoU over {ref} on {served.get('images', 0)} failure-zone "
+                    f"images{ci_txt}; "
+                    f"{_signed(served.get('t0_gain'))} on T(0).")
+        parts.append(f'<p class="headline">{_e(head)}</p>')
+    rows = []
+    for r in hp["rows"]:
+        ci = r.get("ci")
+        rows.append({
+            "model": r["model"] + (" (served)" if r.get("served") else ""),
+            "gate": ((hp.get("gates") or {}).get(r["model"]) or {}).get("status", "–"),
+            "failure-zone images": r.get("images", 0),
+            f"{ref} gt-mIoU": _pct(r.get("reference_gt_miou")),
+            "gt-mIoU": _pct(r.get("gt_miou")),
+            "gain (gt)": _signed(r.get("gain")),
+            f"{conf:.0%} interval": f"{_signed(ci[0])} .. {_signed(ci[1])}" if ci else "–",
+            "gain (standard mIoU)": _signed(r.get("gain_miou")),
+            "gain on T(0) (gt)": _signed(r.get("t0_gain")),
+            "training images left out": r.get("excluded_training_images", 0),
+        })
+    parts.append(_kv_table(rows))
+    eff = hp.get("effort") or {}
+    tot = eff.get("total") or {}
+    if tot:
+        if eff.get("simulated"):
+            time_txt = "simulated raters and annotator (oracle): no human time was spent"
+        else:
+            secs = float(tot.get("lead_time_s") or 0.0)
+            time_txt = f"{secs / 60:.1f} min of annotation time (Label Studio lead_time, summed)"
+        effort = f"Human effort: {tot.get('ratings', 0)} ratings, {tot.get('masks', 0)} masks; {time_txt}."
+        parts.append(f'<p class="headline">{_e(effort)}</p>')
+        if eff.get("rounds"):
+            parts.append(_kv_table(eff["rounds"]))
+    zone = ", ".join(hp.get("failure_zone") or []) or "none"
+    note = (f"Failure zone = the unbiased test sets drawn from the MAD candidates by the test-set rules "
+            f"({zone}), pooled image by image; each model's own training images are left out of its "
+            f"row. Gain = model minus {ref}, x 100; the interval is a paired bootstrap over images. "
+            "The sets of later rounds were drawn against the model served then, which biases that model "
+            "low there.")
+    return _section("help", title, "".join(parts), note)
 
 
 def _bar_chart(fl: Mapping[str, Any]) -> str | None:
@@ -711,6 +820,7 @@ def build_html(ri: ReportInput, *, max_gallery: int = 12, thumb_height: int = 16
     sections = [
         _summary(ri),
         _table1(ri),
+        _help(ri),
         _failures(ri),
         _baseline(ri),
         _srcc(ri),

@@ -314,7 +314,8 @@ class RoundRunner:
         ratings = self.services.wait_ratings(plan, pid, cands, plan.dir / "pred", oracle=self.use_oracle)
         atomic_write_json(plan.dir / "ratings.json", ratings)
         return {"ratings": "ratings.json", "n_rated": len(ratings["mos"]),
-                "n_ood": sum(1 for v in ratings["ood"].values() if v)}
+                "n_ood": sum(1 for v in ratings["ood"].values() if v),
+                "effort": self.services.effort(pid, simulated=self.use_oracle)}
 
     def _stage_choose(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ratings = json.loads((plan.dir / "ratings.json").read_text())
@@ -357,7 +358,8 @@ class RoundRunner:
             raise MadsegError(f"segmentation project {pid}: no finished mask for {len(missing)} image(s) "
                               f"(e.g. {missing[:3]}); finish them in Label Studio and re-run")
         atomic_write_json(plan.dir / "labels" / "sets.json", stems)
-        return {"labels": "labels", "S_stems": stems["S"], "T_stems": stems["T"]}
+        return {"labels": "labels", "S_stems": stems["S"], "T_stems": stems["T"],
+                "effort": self.services.effort(pid, simulated=self.use_oracle)}
 
     def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         train_dir = plan.dir / "train"
@@ -690,6 +692,12 @@ class Services:
                 "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
                 "ood": {k: v == float("inf") for k, v in mos.items()}}
 
+    def effort(self, pid: int, *, simulated: bool) -> dict[str, Any]:
+        """:func:`annotation_effort` of Label Studio project ``pid`` (one export request)."""
+        from ml_backend.labelstudio.export import export_tasks
+
+        return annotation_effort(export_tasks(self.client(), pid), simulated=simulated)
+
     def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
                           pred_dir: Path, model_version: str) -> dict[str, Any]:
         from .admin import push_segmentation_tasks
@@ -809,6 +817,30 @@ class Services:
             write_pointer(self.model_dir, record)
         else:
             record_version(self.model_dir, record)
+
+
+def annotation_effort(tasks: Sequence[Mapping[str, Any]], *, simulated: bool) -> dict[str, Any]:
+    """Human effort in exported Label Studio tasks: finished annotations, distinct annotators, and the
+    sum of the annotations' ``lead_time`` (seconds Label Studio measured in the editor; annotations
+    without one are counted in ``without_lead_time``). ``simulated``: the oracle did the work (its
+    lead times are not human time)."""
+    from ml_backend.labelstudio.export import is_finished
+
+    n, seconds, missing, people = 0, 0.0, 0, set()
+    for task in tasks:
+        for ann in task.get("annotations") or []:
+            if not is_finished(ann):
+                continue
+            n += 1
+            people.add(ann.get("completed_by") if not isinstance(ann.get("completed_by"), dict)
+                       else ann["completed_by"].get("id"))
+            lt = ann.get("lead_time")
+            if isinstance(lt, (int, float)) and not isinstance(lt, bool) and lt >= 0:
+                seconds += float(lt)
+            else:
+                missing += 1
+    return {"tasks": len(tasks), "annotations": n, "annotators": len(people - {None}),
+            "lead_time_s": round(seconds, 1), "without_lead_time": missing, "simulated": bool(simulated)}
 
 
 def _jsonable_ratings(raw: Any) -> Any:

@@ -74,7 +74,9 @@ def _results(exp: Path) -> dict[str, Any]:
             "round": 0,
             "version": "espnetv2@aa11",
             "miou": {"T(0)": 0.612, "T(1)": 0.301, "T(2)": 0.355},
+            "gt_miou": {"T(0)": 0.634, "T(1)": 0.312, "T(2)": 0.371},
             "drawn_against": {"T(1)": True},
+            "gate": {"status": "start", "reasons": ["the configured target"]},
         },
         {
             "key": "f(1)",
@@ -84,6 +86,7 @@ def _results(exp: Path) -> dict[str, Any]:
             "version": "espnetv2@bb22",
             "miou": {"T(0)": 0.598, "T(1)": 0.421, "T(2)": 0.287},
             "drawn_against": {"T(2)": True},
+            "gate": {"status": "promoted", "reasons": ["T(0): ok"]},
         },
         {
             "key": "f(2)",
@@ -92,6 +95,7 @@ def _results(exp: Path) -> dict[str, Any]:
             "round": 2,
             "version": "espnetv2@cc33",
             "miou": {"T(0)": 0.605, "T(1)": 0.44, "T(2)": 0.402},
+            "gate": {"status": "rejected", "reasons": ["T(0): forgetting, gt-class mIoU 0.63 -> 0.60"]},
         },
         {"key": "dicenet-s1.75", "role": "competitor", "miou": {"T(0)": 0.55, "T(1)": 0.39, "T(2)": 0.41}},
         {"key": "deeplabv3-mnv2", "role": "competitor", "miou": {"T(0)": 0.71, "T(1)": 0.52, "T(2)": None}},
@@ -125,6 +129,21 @@ def _results(exp: Path) -> dict[str, Any]:
             "rows": rows,
         },
         "failures": failures,
+        "help": {
+            "reference": "f(0)", "served": "f(1)", "confidence": 0.95, "failure_zone": ["T(1)", "T(2)"],
+            "gates": {"f(1)": {"status": "promoted"}, "f(2)": {"status": "rejected"}},
+            "rows": [
+                {"model": "f(1)", "served": True, "images": 50, "reference_gt_miou": 0.33, "gt_miou": 0.387,
+                 "gain": 0.057, "ci": [0.012, 0.101], "gain_miou": 0.04, "t0_gain": -0.004,
+                 "excluded_training_images": 0, "sets": ["T(1) (30)", "T(2) (20)"]},
+                {"model": "f(2)", "served": False, "images": 40, "reference_gt_miou": 0.33, "gt_miou": 0.30,
+                 "gain": -0.03, "ci": [-0.07, 0.01], "gain_miou": -0.02, "t0_gain": -0.03,
+                 "excluded_training_images": 10},
+            ],
+            "effort": {"total": {"ratings": 135, "masks": 40, "lead_time_s": 1830.0}, "simulated": False,
+                       "rounds": [{"round": 1, "ratings": 90, "masks": 20}, {"round": 2, "ratings": 45,
+                                                                            "masks": 20}]},
+        },
         "baseline": {
             "test_set": "T_MAD(f_MAD vs f_entropy)",
             "budget": 10,
@@ -180,6 +199,13 @@ def test_render_every_section_self_contained(tmp_path: Path) -> None:
     # Table 1: x100, best per column, rank, the "drawn against" mark, missing value
     assert "61.2" in page and "30.1†" in page and '<td class="best">71.0' in page and "–" in page
     assert "synthetic &lt;demo&gt;" in page  # escaped
+    # the gate's verdicts and the ground-truth-class mIoU in Table 1; the rejected reason is shown
+    assert '<span class="gate promoted"' in page and '<span class="gate rejected"' in page
+    assert "T(0): forgetting, gt-class mIoU 0.63 -&gt; 0.60" in page and "gt 63.4" in page
+    # "did the round help?": the served model's gain with its interval, and the human effort
+    assert "Served model f(1): +5.7 points" in page and "95% interval +1.2 to +10.1" in page
+    assert "+1.2 .. +10.1" in page and "-7.0 .. +1.0" in page
+    assert "135 ratings, 40 masks; 30.5 min of annotation time" in page
     # legend names the classes drawn in the galleries
     for name in ("person", "cat", "bird", "ignore", "dog"):
         assert f"</span>{name}</span>" in page, name
@@ -188,6 +214,7 @@ def test_render_every_section_self_contained(tmp_path: Path) -> None:
     assert numbers["failures"]["counts"]["person"] == {"round 1 candidates": 2, "round 1 low-rated": 2}
     assert numbers["srcc"]["T(1)"]["srcc"][0] is None
     assert numbers["warnings"] == []
+    assert numbers["help"]["rows"][0]["ci"] == [0.012, 0.101]
 
 
 def test_missing_parts_render_as_notes_and_missing_files_as_warnings(tmp_path: Path) -> None:
@@ -216,6 +243,8 @@ def test_missing_parts_render_as_notes_and_missing_files_as_warnings(tmp_path: P
         ),
         ({"srcc": {"T(1)": {"ks": [1, 2], "srcc": [1.0]}}}, "equally long 'ks' and 'srcc'"),
         ({"galleries": {"candidates": [{"panels": []}]}}, r"galleries\['candidates'\]\[0\] needs an 'image'"),
+        ({"help": {"rows": [{"model": "f(1)", "gain": 0.1, "ci": [0.1]}]}}, r"help.rows\[0\] needs"),
+        ({"help": {"rows": "f(1)"}}, "'help' must have a 'rows' list"),
     ],
 )
 def test_bad_results_are_named(tmp_path: Path, patch: dict[str, Any], message: str) -> None:
