@@ -3,11 +3,16 @@
 Both read their configuration from environment variables (:mod:`ml_backend.backend_config`);
 command-line options override the listen address and the queue. The ``madseg`` program
 (``projects.cli``) registers them with :func:`register`; ``python -m ml_backend`` runs :func:`main`.
+
+``madseg backend`` listens on 127.0.0.1 unless told otherwise; any other address (``0.0.0.0``, a
+LAN address, a host name) is refused unless credentials are configured (basic auth or
+``MADSEG_BACKEND_TOKEN``): :func:`check_exposure`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -15,8 +20,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backend_config import BackendConfig
+from .errors import MadsegError
 
 log = logging.getLogger(__name__)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``127.x.y.z``, ``::1`` and ``localhost`` (the addresses only this machine reaches)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: BackendConfig) -> None:
+    """Refuse to listen beyond loopback without credentials (:class:`MadsegError` saying how to set them)."""
+    if is_loopback_host(config.host) or config.has_credentials:
+        return
+    raise MadsegError(
+        f"refusing to listen on {config.host}:{config.port} without authentication: anyone who reaches it "
+        "could run predictions and queue fine-tunes. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (give Label "
+        "Studio the same when connecting the backend) and/or MADSEG_BACKEND_TOKEN (a bearer token, "
+        "16+ characters), or listen on 127.0.0.1 (the default)"
+    )
 
 
 def serve(config: BackendConfig, *, log_level: str = "info") -> None:
@@ -32,7 +61,8 @@ def serve(config: BackendConfig, *, log_level: str = "info") -> None:
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             settings = {
-                "bind": f"{config.host}:{config.port}",
+                "bind": f"[{config.host}]:{config.port}" if ":" in config.host
+                else f"{config.host}:{config.port}",
                 "workers": config.workers,
                 "worker_class": "gthread",
                 "threads": config.threads,
@@ -68,6 +98,8 @@ def _backend(args: argparse.Namespace) -> int:
         changes["port"] = args.port
     if changes:
         config = config.with_(**changes)
+    check_exposure(config)
+    config.local_files_policy()  # a document root of / with nothing narrower: one clear error
     log.info("madseg backend on %s:%d, target %s, model dir %s, queue %s", config.host, config.port,
              config.target["name"], config.model_dir, "redis" if config.redis_url else "in-process")
     serve(config, log_level="debug" if args.verbose else "info")
@@ -109,7 +141,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=None, help="listen address (default: $MADSEG_BACKEND_HOST, 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="listen address (default: $MADSEG_BACKEND_HOST, else 127.0.0.1; any other address "
+                   "needs BASIC_AUTH_USER/BASIC_AUTH_PASS or MADSEG_BACKEND_TOKEN)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: $MADSEG_BACKEND_PORT, 9090)")
 
 

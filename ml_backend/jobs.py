@@ -85,13 +85,18 @@ class EventDecision:
     reason: str
 
 
+#: Largest project id accepted (Label Studio's ids are 64-bit integers).
+MAX_PROJECT_ID = 2**63 - 1
+
+
 def _as_id(value: Any) -> int | None:
+    """A positive project id from an int, a string of ASCII digits, or ``{"id": ...}``; else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, int) and 0 < value <= MAX_PROJECT_ID:
         return value
-    if isinstance(value, str) and value.isdigit() and int(value) > 0:
-        return int(value)
+    if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
+        return _as_id(int(value))
     if isinstance(value, dict):
         return _as_id(value.get("id"))
     return None
@@ -146,18 +151,25 @@ def decide(payload: Any) -> EventDecision:
 # ----------------------------------------------------------------------------------------------
 
 
+class QueueFull(MadsegError):
+    """The global cap on queued fine-tune jobs (``MADSEG_MAX_QUEUED_JOBS``) is reached."""
+
+
 class Coalescer:
     """Per-project bookkeeping of the queued (not yet started) and the running fine-tune job.
 
     ``offer`` either returns the pending job (the event coalesces into it) or registers a new one;
     ``start`` moves a job from pending to running, so the next event schedules one follow-up;
-    ``finish`` forgets the running job. Thread-safe.
+    ``finish`` forgets the running job. So a project has at most one queued and one running job.
+    With ``max_pending``, a new job beyond that many queued ones (all projects together) raises
+    :class:`QueueFull`; an event that joins a queued job is always accepted. Thread-safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int | None = None) -> None:
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}
         self._running: dict[int, str] = {}
+        self.max_pending = max_pending
 
     def offer(self, project_id: int, new_job_id: str) -> tuple[str, bool]:
         """(job id the event belongs to, True when that is ``new_job_id`` and must be enqueued)."""
@@ -165,6 +177,9 @@ class Coalescer:
             current = self._pending.get(project_id)
             if current is not None:
                 return current, False
+            if self.max_pending is not None and len(self._pending) >= self.max_pending:
+                raise QueueFull(f"{len(self._pending)} fine-tune jobs are queued (MADSEG_MAX_QUEUED_JOBS="
+                                f"{self.max_pending}); project {project_id} not queued")
             self._pending[project_id] = new_job_id
             return new_job_id, True
 
@@ -408,10 +423,12 @@ class InProcessFinetuneQueue:
 
     mode = "in-process"
 
-    def __init__(self, settings: dict[str, Any], runner: JobRunner = run_finetune_job) -> None:
+    def __init__(
+        self, settings: dict[str, Any], runner: JobRunner = run_finetune_job, *, max_queued: int | None = None
+    ) -> None:
         self.settings = settings
         self.runner = runner
-        self.state = Coalescer()
+        self.state = Coalescer(max_queued)
         self._queue: queue_mod.Queue[tuple[str, int, float]] = queue_mod.Queue()
         self._thread: threading.Thread | None = None
         self._thread_pid: int | None = None
@@ -514,7 +531,10 @@ class RedisFinetuneQueue:
 
     mode = "redis"
 
-    def __init__(self, conn: Any, settings: dict[str, Any], *, job_timeout_s: int = 21600) -> None:
+    def __init__(
+        self, conn: Any, settings: dict[str, Any], *, job_timeout_s: int = 21600,
+        max_queued: int | None = None,
+    ) -> None:
         from rq import Queue
 
         self.conn = conn
@@ -522,6 +542,9 @@ class RedisFinetuneQueue:
         self.queue_name = settings["queue_name"]
         self.queue = Queue(self.queue_name, connection=conn)
         self.job_timeout_s = job_timeout_s
+        #: cap on jobs waiting in the rq queue (all projects); checked before enqueueing a new job, so
+        #: concurrent submissions may pass it by at most the number of server threads
+        self.max_queued = max_queued
 
     def _is_live(self, job_id: str) -> bool:
         from rq.exceptions import NoSuchJobError
@@ -549,6 +572,11 @@ class RedisFinetuneQueue:
                             return Submission(existing_id, project_id, coalesced=True)
                         log.warning("pending fine-tune job %s of project %d is gone; replacing it",
                                     existing_id, project_id)
+                    if self.max_queued is not None and self.queue.count >= self.max_queued:
+                        pipe.unwatch()
+                        raise QueueFull(f"{self.queue.count} fine-tune jobs are queued "
+                                        f"(MADSEG_MAX_QUEUED_JOBS={self.max_queued}); project {project_id} "
+                                        "not queued")
                     job_id = new_job_id(project_id)
                     pipe.multi()
                     pipe.set(key, job_id)
@@ -675,8 +703,9 @@ def make_queue(config: Any) -> FinetuneQueue:
     settings = config.job_settings()
     if config.redis_url:
         conn = redis_connection(config.redis_url)
-        return RedisFinetuneQueue(conn, settings, job_timeout_s=config.job_timeout_s)
-    return InProcessFinetuneQueue(settings)
+        return RedisFinetuneQueue(conn, settings, job_timeout_s=config.job_timeout_s,
+                                  max_queued=getattr(config, "max_queued_jobs", None))
+    return InProcessFinetuneQueue(settings, max_queued=getattr(config, "max_queued_jobs", None))
 
 
 def run_worker(config: Any, *, burst: bool = False) -> bool:

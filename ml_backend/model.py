@@ -18,12 +18,18 @@ Models are loaded once per process: :class:`ModelCache` keeps them by model spec
 prediction compares the model dir's ``current.json`` (inode, mtime, size) with what it last saw; a
 new pointer, written atomically by a fine-tune job, switches the served model without a restart.
 A pointer that cannot be read is logged and the previous model keeps serving.
+
+Task images come through :func:`image_source` (``labelstudio.task_images``: where images may come
+from, which credentials go where, byte and pixel caps). One ``/predict`` runs under a
+:class:`~ml_backend.limits.Deadline`: a task whose image is refused, fails, or is not reached
+before the deadline gets an empty result and a log line naming the task; the rest are answered.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +42,9 @@ from .backend_config import BackendConfig
 from .errors import MadsegError
 from .labelstudio.brush import label_map_results
 from .labelstudio.configs import LabelConfigError, find_brush_controls
-from .labelstudio.task_images import ImageSource, LabelStudioAuth
+from .labelstudio.task_images import FetchLimits, ImageSource, LabelStudioAuth
+from .limits import Deadline
+from .netguard import UrlPolicy, UrlRefused, origin_of
 from .versions import ServingRecord, pointer_stamp, read_pointer
 
 log = logging.getLogger(__name__)
@@ -171,11 +179,71 @@ def model_cache(config: BackendConfig) -> ModelCache:
         return cache
 
 
+def image_source(
+    config: BackendConfig, hostname: str = "", access_token: str = "", setup_trusted: bool = False,
+    env: dict[str, str] | None = None,
+) -> ImageSource:
+    """Where this backend may fetch task images from, and with which credentials.
+
+    ``LABEL_STUDIO_URL`` set: it is the trusted origin and the base of relative URLs;
+    ``LABEL_STUDIO_API_KEY`` goes to it only; the ``/setup`` token only when ``/setup`` named that
+    same origin; a different ``/setup`` hostname is ignored. ``LABEL_STUDIO_URL`` unset: the API key
+    is never used; the ``/setup`` hostname is the base of relative URLs and receives its own token,
+    and it is trusted (a private address allowed) only when that ``/setup`` call was authenticated
+    (``setup_trusted``); otherwise it must pass the policy like any other host.
+    """
+    env = dict(os.environ) if env is None else env
+    ls_url = env.get("LABEL_STUDIO_URL", "").strip() or None
+    api_key = env.get("LABEL_STUDIO_API_KEY", "").strip()
+    setup_origin = None
+    if hostname:
+        try:
+            setup_origin = origin_of(hostname)
+        except UrlRefused as exc:
+            log.warning("ignoring the Label Studio hostname sent to /setup: %s", exc)
+            hostname = ""
+    if ls_url:
+        base, trusted = ls_url, ls_url
+        auth = LabelStudioAuth(ls_url, api_key) if api_key else None
+        if setup_origin is not None and setup_origin != origin_of(ls_url):
+            log.warning("/setup named Label Studio at %s, but LABEL_STUDIO_URL is %s; using LABEL_STUDIO_URL",
+                        setup_origin, origin_of(ls_url))
+            setup_origin = None
+    else:
+        base = hostname or None
+        trusted = hostname if (hostname and setup_trusted) else None
+        auth = None  # LABEL_STUDIO_API_KEY is only ever sent to LABEL_STUDIO_URL
+        if api_key:
+            log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: not used; "
+                        "set LABEL_STUDIO_URL")
+    limits = FetchLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                         predict_pixels=config.predict_pixels, connect_s=config.fetch_connect_s,
+                         read_s=config.fetch_read_s)
+    return ImageSource(
+        policy=UrlPolicy.build(trusted, config.image_hosts),
+        label_studio_url=base,
+        local=config.local_files_policy(),
+        auth=auth,
+        setup_token=access_token or None,
+        setup_origin=setup_origin,
+        limits=limits,
+    )
+
+
+def _task_name(task: Any, index: int) -> str:
+    """``task 12`` (Label Studio's id when it is a plain number), else ``task #<index in the request>``."""
+    tid = task.get("id") if isinstance(task, dict) else None
+    if isinstance(tid, int) and not isinstance(tid, bool):
+        return f"task {tid}"
+    return f"task #{index}"
+
+
 class MadsegSegmenter(LabelStudioMLBase):
     """Pre-fills segmentation tasks with the current target version's masks (see the module docstring).
 
     ``config`` defaults to :meth:`BackendConfig.from_env`; ``hostname`` / ``access_token`` are what
-    Label Studio sent to ``/setup`` (used to download task images when no API key is configured).
+    Label Studio sent to ``/setup``, ``setup_trusted`` whether that call was authenticated (see
+    :func:`image_source`). A label config that cannot be parsed raises :class:`LabelConfigError`.
     """
 
     def __init__(
@@ -186,23 +254,19 @@ class MadsegSegmenter(LabelStudioMLBase):
         config: BackendConfig | None = None,
         hostname: str = "",
         access_token: str = "",
+        setup_trusted: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(label_config=label_config, train_output=train_output, hostname=hostname,
-                         access_token=access_token, **kwargs)
+        target = find_brush_controls(label_config)  # not XML / no brush control: LabelConfigError (400)
+        try:
+            super().__init__(label_config=label_config, train_output=train_output, hostname=hostname,
+                             access_token=access_token, **kwargs)
+        except Exception as exc:  # label-studio-tools' own parser: a config it cannot read is bad input
+            raise LabelConfigError(f"label config cannot be parsed ({type(exc).__name__})") from None
         self.config = config or BackendConfig.from_env()
         self.cache = model_cache(self.config)
-        self.target = find_brush_controls(self.label_config)
-        import os
-
-        ls_url = os.environ.get("LABEL_STUDIO_URL", "").strip() or hostname or None
-        api_key = os.environ.get("LABEL_STUDIO_API_KEY", "").strip()
-        self.images = ImageSource(
-            document_root=self.config.document_root,
-            label_studio_url=ls_url,
-            auth=LabelStudioAuth(ls_url, api_key) if (ls_url and api_key) else None,
-            setup_token=access_token or None,
-        )
+        self.target = target
+        self.images = image_source(self.config, hostname, access_token, setup_trusted)
 
     @property
     def model_version(self) -> str:
@@ -219,35 +283,46 @@ class MadsegSegmenter(LabelStudioMLBase):
             )
         return drawn
 
-    def _load_images(self, tasks: list[dict[str, Any]], login: tuple[str, str] | None) -> list[Any]:
+    def _load_images(
+        self, tasks: list[dict[str, Any]], login: tuple[str, str] | None, deadline: Deadline
+    ) -> list[Any]:
         out: list[Any] = []
         for i, task in enumerate(tasks):
-            what = f"task {task.get('id', f'#{i}')}"
-            data = task.get("data")
+            what = _task_name(task, i)
             try:
+                data = task.get("data") if isinstance(task, dict) else None
                 if not isinstance(data, dict):
                     raise MadsegError(f"{what}: no 'data' object")
-                out.append(self.images.load(data.get(self.target.image_key), what, login))
+                deadline.check(what)
+                out.append(self.images.load(data.get(self.target.image_key), what, login, deadline))
             except MadsegError as exc:
                 log.error("no prediction for %s: %s", what, exc)
+                out.append(exc)
+            except Exception as exc:  # a task no check anticipated must not fail the others
+                log.error("no prediction for %s: unexpected %s", what, type(exc).__name__)
                 out.append(exc)
         return out
 
     def predict(self, tasks: list[dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
         """One prediction per task, in order (a task whose image cannot be read gets an empty result).
 
-        ``kwargs`` may carry Label Studio's ``login`` / ``password`` (the project's task-data basic auth).
+        ``kwargs`` may carry Label Studio's ``login`` / ``password`` (the project's task-data basic auth)
+        and ``deadline`` (a :class:`~ml_backend.limits.Deadline`; default ``MADSEG_PREDICT_DEADLINE``):
+        tasks not predicted by then get empty results.
         """
         import torch
 
         from ml_backend.zoo.base import upsample_labels
 
+        deadline = kwargs.get("deadline")
+        if not isinstance(deadline, Deadline):
+            deadline = Deadline(self.config.predict_deadline_s)
         login = None
         if kwargs.get("login") and kwargs.get("password"):
             login = (str(kwargs["login"]), str(kwargs["password"]))
         model = self.cache.current()
         drawn = drawn_classes(tuple(model.class_names), self.target.labels)
-        images = self._load_images(tasks, login)
+        images = self._load_images(tasks, login, deadline)
         preds: list[dict[str, Any]] = [
             {"model_version": model.version, "score": 0.0, "result": []} for _ in tasks
         ]
@@ -256,6 +331,10 @@ class MadsegSegmenter(LabelStudioMLBase):
         batch_size = self.config.predict_batch
         for start in range(0, len(ok), batch_size):
             idx = ok[start : start + batch_size]
+            if deadline.expired:
+                names = ", ".join(_task_name(tasks[i], i) for i in ok[start:])
+                log.error("no prediction for %s: the request's %g s deadline passed", names, deadline.seconds)
+                break
             with torch.inference_mode():
                 batch = torch.stack([prep.to_tensor(images[i], model.device) for i in idx])
             with self.cache.predict_lock:

@@ -52,11 +52,16 @@ class UrlRefused(MadsegError):
 
 
 class FetchError(MadsegError):
-    """A fetch that failed: unreachable, timed out, HTTP error, too large."""
+    """A fetch that failed: unreachable, timed out, HTTP error, too large.
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    ``status``: the HTTP status when the server answered; ``retryable``: worth one more try (no
+    connection, a reset, HTTP 5xx), not for limits, deadlines or 4xx answers.
+    """
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.retryable = retryable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +420,7 @@ def fetch(
             current = urllib.parse.urljoin(current, location)
             continue
         if status != 200:
-            raise FetchError(f"{shown(current)}: HTTP {status}", status)
+            raise FetchError(f"{shown(current)}: HTTP {status}", status, retryable=status >= 500)
         return FetchResult(data, current, ctype)
     raise FetchError(f"{shown(url)}: more than {max_redirects} redirects")  # pragma: no cover
 
@@ -431,7 +436,7 @@ def _exchange(
     try:
         conn, raw = _open(checked, min(connect_timeout, left))
     except (OSError, ssl.SSLError) as exc:
-        raise FetchError(f"{what}: cannot connect ({type(exc).__name__})") from None
+        raise FetchError(f"{what}: cannot connect ({type(exc).__name__})", retryable=True) from None
     expired = threading.Event()
 
     def _abort() -> None:
@@ -468,14 +473,14 @@ def _exchange(
         if expired.is_set():
             raise FetchError(f"{what}: request deadline passed during the download")
         if length is not None and length.isdigit() and size != int(length):
-            raise FetchError(f"{what}: connection closed after {size} of {length} bytes")
+            raise FetchError(f"{what}: connection closed after {size} of {length} bytes", retryable=True)
         return 200, None, b"".join(chunks), resp.getheader("Content-Type") or ""
     except FetchError:
         raise
     except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as exc:
         if expired.is_set():
             raise FetchError(f"{what}: request deadline passed during the download") from None
-        raise FetchError(f"{what}: download failed ({type(exc).__name__})") from None
+        raise FetchError(f"{what}: download failed ({type(exc).__name__})", retryable=True) from None
     finally:
         watchdog.cancel()
         conn.close()

@@ -47,7 +47,7 @@ def test_env_switch_is_parsed(tmp_path: Path) -> None:
 
 def test_annotations_do_not_train_when_switched_off(tmp_path: Path) -> None:
     cfg = BackendConfig(target={"name": "espnetv2", "checkpoint": None, "options": {}}, model_dir=tmp_path,
-                        train_on_annotation=False)
+                        train_on_annotation=False, train_projects=(5,))
     q = RecordingQueue()
     client = create_app(cfg, queue=q).test_client()
     assert _post(client, "ANNOTATION_CREATED") == 200
@@ -58,7 +58,8 @@ def test_annotations_do_not_train_when_switched_off(tmp_path: Path) -> None:
 
 
 def test_annotations_train_by_default(tmp_path: Path) -> None:
-    cfg = BackendConfig(target={"name": "espnetv2", "checkpoint": None, "options": {}}, model_dir=tmp_path)
+    cfg = BackendConfig(target={"name": "espnetv2", "checkpoint": None, "options": {}}, model_dir=tmp_path,
+                        train_projects=(5,))  # only known projects train (MADSEG_TRAIN_PROJECTS)
     q = RecordingQueue()
     client = create_app(cfg, queue=q).test_client()
     assert _post(client, "ANNOTATION_CREATED") == 201

@@ -1,37 +1,52 @@
-"""Fetch the image of a Label Studio task for the ML backend's ``/predict``.
+"""Fetch the image of a Label Studio task for the ML backend's ``/predict``, within the backend's
+security policy.
 
 A task's image URL is one of:
 
-- ``/data/local-files/?d=<path under the document root>`` (local-files storage): read from disk
-  when ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` is set here and the file is below it (no HTTP,
-  path traversal refused); otherwise downloaded from Label Studio;
-- another Label Studio path (``/data/upload/...``) or an absolute URL on the Label Studio host:
-  downloaded with Label Studio credentials (``LABEL_STUDIO_API_KEY`` — a legacy token, or a personal
-  access token that is exchanged for a short-lived access token — or else the token Label Studio
-  passed to ``/setup``) and the project's basic-auth task-data login when it has one;
-- an ``http(s)`` URL on another host: downloaded without credentials.
+- ``/data/local-files/?d=<path>`` (local-files storage; relative, or absolute on the Label Studio
+  origin): read from disk when :class:`ml_backend.localfiles.LocalFilesPolicy` allows the path
+  (inside the servable folders under the document root, after ``..`` and symlinks; an image file;
+  never ground truth; size cap). A path the policy refuses is refused (no download either); an
+  allowed path that does not exist on this machine is downloaded from Label Studio;
+- another path on Label Studio (``/data/upload/...``), or an absolute URL on the Label Studio
+  origin: downloaded with Label Studio credentials;
+- an ``http(s)`` URL on another host: downloaded WITHOUT credentials, only when the host is listed
+  in ``MADSEG_IMAGE_HOSTS`` and resolves to public addresses (:mod:`ml_backend.netguard`).
 
-Cloud URIs (``s3://`` ...) are refused with a clear error. Tokens never appear in messages.
+Credentials and where they go: ``LABEL_STUDIO_API_KEY`` (a legacy token, or a personal access token
+that is exchanged for a short-lived access token) is used only together with ``LABEL_STUDIO_URL``
+and sent only to that origin. The token Label Studio passes to ``/setup`` is sent only to the
+origin it came with. A redirect to another origin never carries either (netguard). Downloads
+follow at most 3 redirects, each checked again; connect/read timeouts, the request's deadline and
+a byte cap bound every download; decoding is bounded by pixel caps read from the image header
+(:mod:`ml_backend.image_limits`). Cloud URIs (``s3://`` ...) are refused. Tokens and query strings
+never appear in messages.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import MadsegError
-from ..imageio import decode_rgb, read_rgb
+from ..image_limits import decode_capped
+from ..limits import Deadline
+from ..localfiles import LocalFileRefused, LocalFilesPolicy, local_files_param
+from ..netguard import FetchError, Origin, UrlPolicy, UrlRefused, fetch, origin_of, shown
 
-#: Refuse downloads larger than this (bytes).
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
-_TIMEOUT = (5, 60)
+log = logging.getLogger(__name__)
+
+#: Refuse downloads larger than this (bytes) unless the caller gives another cap.
+MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
+_REFRESH_TIMEOUT = (5, 20)
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -51,11 +66,13 @@ class LabelStudioAuth:
     """``Authorization`` header for Label Studio from a legacy token or a personal access token.
 
     A personal access token (a JWT refresh token) is exchanged at ``/api/token/refresh`` for an
-    access token, cached until shortly before it expires. Thread-safe.
+    access token, cached until shortly before it expires. The exchange never follows redirects
+    (a 307 would re-send the token to wherever it points). Thread-safe.
     """
 
     def __init__(self, base_url: str, token: str) -> None:
         self.base_url = base_url.rstrip("/")
+        self.origin = origin_of(self.base_url)
         self._token = token
         self._is_jwt = _jwt_claims(token) is not None
         self._access: str | None = None
@@ -79,14 +96,18 @@ class LabelStudioAuth:
 
         url = f"{self.base_url}/api/token/refresh"
         try:
-            r = requests.post(url, json={"refresh": self._token}, timeout=_TIMEOUT)
+            r = requests.post(url, json={"refresh": self._token}, timeout=_REFRESH_TIMEOUT,
+                              allow_redirects=False)
         except requests.RequestException as exc:
             raise MadsegError(f"{url}: cannot reach Label Studio to refresh the access token "
                               f"({type(exc).__name__})") from None
         if r.status_code != 200:
             raise MadsegError(f"{url}: Label Studio refused LABEL_STUDIO_API_KEY (HTTP {r.status_code}); "
                               "create a new personal access token")
-        access = r.json().get("access")
+        try:
+            access = r.json().get("access")
+        except ValueError:
+            access = None
         if not isinstance(access, str):
             raise MadsegError(f"{url}: unexpected token refresh answer (no 'access')")
         self._access = access
@@ -94,91 +115,116 @@ class LabelStudioAuth:
         self._access_exp = float(claims.get("exp") or time.time() + 240)
 
 
+@dataclass(frozen=True)
+class FetchLimits:
+    """Caps for one image: bytes, pixels decoded, pixels predicted, connect/read timeouts (s)."""
+
+    max_bytes: int = MAX_DOWNLOAD_BYTES
+    max_pixels: int = 40_000_000
+    predict_pixels: int = 16_000_000
+    connect_s: float = 5.0
+    read_s: float = 20.0
+
+
 @dataclass
 class ImageSource:
-    """Where task images come from: the document root, the Label Studio URL and its credentials."""
+    """Where task images come from (module docstring).
 
-    document_root: Path | None = None
+    ``label_studio_url``: the base of relative task URLs; ``policy``: which URLs may be fetched (its
+    trusted origin is the only one credentials go to); ``local``: the local-files policy (None: local
+    files are downloaded from Label Studio); ``auth``: ``LABEL_STUDIO_API_KEY`` (only with
+    ``LABEL_STUDIO_URL``); ``setup_token``: what Label Studio sent to ``/setup``, for
+    ``setup_origin`` only.
+    """
+
+    policy: UrlPolicy
     label_studio_url: str | None = None
+    local: LocalFilesPolicy | None = None
     auth: LabelStudioAuth | None = None
-    setup_token: str | None = None  # the owner's token LS sent to /setup (used when auth is None)
+    setup_token: str | None = None
+    setup_origin: Origin | None = None
+    limits: FetchLimits = FetchLimits()
 
-    def _ls_headers(self) -> dict[str, str]:
-        if self.auth is not None:
+    def _credentials(self, origin: Origin, login: tuple[str, str] | None) -> dict[str, str]:
+        if self.auth is not None and origin == self.auth.origin:
             return self.auth.headers()
-        if self.setup_token:
+        if self.setup_token and origin == self.setup_origin:
             kind = "Bearer" if _jwt_claims(self.setup_token) else "Token"
             return {"Authorization": f"{kind} {self.setup_token}"}
+        if login is not None:
+            raw = f"{login[0]}:{login[1]}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
         return {}
 
-    def local_path(self, url: str) -> Path | None:
-        """The file behind a local-files URL below ``document_root``, or None if not applicable."""
-        if self.document_root is None:
-            return None
-        parsed = urllib.parse.urlparse(url)
-        if not parsed.path.rstrip("/").endswith("/data/local-files"):
-            return None
-        rel = urllib.parse.parse_qs(parsed.query).get("d", [None])[0]
-        if not rel:
-            return None
-        root = self.document_root.resolve()
-        path = (root / rel.lstrip("/")).resolve()
-        if root != path and root not in path.parents:
-            raise MadsegError(f"image URL {url!r} points outside the document root; refusing to read it")
-        return path if path.is_file() else None
+    def _on_label_studio(self, url: str) -> bool:
+        if not self.label_studio_url:
+            return False
+        try:
+            return origin_of(url) == origin_of(self.label_studio_url)
+        except UrlRefused:
+            return False
 
-    def load(self, url: str, what: str, login: tuple[str, str] | None = None) -> np.ndarray:
-        """The image at ``url`` as an (H, W, 3) uint8 RGB array; :class:`MadsegError` naming ``what``."""
+    def load(
+        self, url: object, what: str, login: tuple[str, str] | None = None, deadline: Deadline | None = None
+    ) -> np.ndarray:
+        """The image at ``url`` as an (H, W, 3) uint8 RGB array with at most ``predict_pixels`` pixels.
+
+        Raises :class:`MadsegError` naming ``what`` (never a token or query string) when the URL is
+        refused, the download fails or the bytes are not an image within the caps.
+        """
+        deadline = deadline or Deadline(60)
         if not isinstance(url, str) or not url.strip():
             raise MadsegError(f"{what}: no image URL in the task data")
-        path = self.local_path(url)
-        if path is not None:
-            return read_rgb(path)
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme and parsed.scheme not in ("http", "https"):
+        if any(ord(c) < 0x20 or c == "\x7f" for c in url):
+            raise MadsegError(f"{what}: the image URL contains control characters (e.g. a NUL byte)")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme and parsed.scheme.lower() not in ("http", "https"):
             raise MadsegError(f"{what}: {parsed.scheme}:// image URLs are not supported; use local-files "
                               "storage or http(s) URLs")
-        base = self.label_studio_url
-        same_host = False
-        if not parsed.scheme:
-            if not base:
+        relative = not parsed.scheme and not parsed.netloc
+        if relative or self._on_label_studio(url):
+            try:
+                d = local_files_param(url)
+            except LocalFileRefused as exc:
+                raise MadsegError(f"{what}: {exc}") from None
+            if d is not None and self.local is not None:
+                try:
+                    data = self.local.read(d)
+                    return decode_capped(data, what, max_pixels=self.limits.max_pixels,
+                                         predict_pixels=self.limits.predict_pixels)
+                except LocalFileRefused as exc:
+                    raise MadsegError(f"{what}: {exc}") from None
+                except FileNotFoundError:
+                    pass  # allowed, but not on this machine: Label Studio serves it
+        if relative:
+            if not self.label_studio_url:
                 raise MadsegError(f"{what}: the image URL is relative to Label Studio; set LABEL_STUDIO_URL "
                                   "(or connect the backend from Label Studio so /setup passes its address)")
-            url = urllib.parse.urljoin(base.rstrip("/") + "/", url.lstrip("/"))
-            same_host = True
-        elif base:
-            same_host = urllib.parse.urlparse(base).netloc == parsed.netloc
-        headers = self._ls_headers() if same_host else {}
-        data = self._download(url, what, headers, login if same_host else None)
-        return decode_rgb(data, name=what)
+            url = urllib.parse.urljoin(self.label_studio_url.rstrip("/") + "/", url.lstrip("/"))
+        data = self._download(url, what, login, deadline)
+        return decode_capped(data, what, max_pixels=self.limits.max_pixels,
+                             predict_pixels=self.limits.predict_pixels)
 
-    def _download(self, url: str, what: str, headers: dict[str, str], login: tuple[str, str] | None) -> bytes:
-        import requests
+    def _download(self, url: str, what: str, login: tuple[str, str] | None, deadline: Deadline) -> bytes:
+        def creds(origin: Origin) -> Mapping[str, str]:
+            return self._credentials(origin, login)
 
-        shown = urllib.parse.urlparse(url)._replace(query="").geturl()
-        last: str = ""
+        last = ""
         for attempt in range(3):
+            if attempt and deadline.remaining() < self.limits.connect_s:
+                break
             try:
-                with requests.get(url, headers=headers, auth=login, timeout=_TIMEOUT, stream=True) as r:
-                    if r.status_code == 401 and self.auth is not None and attempt == 0:
-                        self.auth.invalidate()
-                        headers = {**headers, **self._ls_headers()}
-                        continue
-                    if r.status_code >= 500:
-                        last = f"HTTP {r.status_code}"
-                    elif r.status_code != 200:
-                        raise MadsegError(f"{what}: downloading {shown} failed with HTTP {r.status_code}")
-                    else:
-                        chunks, size = [], 0
-                        for chunk in r.iter_content(1 << 16):
-                            size += len(chunk)
-                            if size > MAX_DOWNLOAD_BYTES:
-                                raise MadsegError(
-                                    f"{what}: {shown} is larger than {MAX_DOWNLOAD_BYTES} bytes"
-                                )
-                            chunks.append(chunk)
-                        return b"".join(chunks)
-            except requests.RequestException as exc:
-                last = type(exc).__name__
-            time.sleep(0.5 * (attempt + 1))
-        raise MadsegError(f"{what}: downloading {shown} failed after 3 attempts ({last})")
+                return fetch(url, self.policy, deadline=deadline, max_bytes=self.limits.max_bytes,
+                             credentials=creds, connect_timeout=self.limits.connect_s,
+                             read_timeout=self.limits.read_s).data
+            except UrlRefused as exc:
+                raise MadsegError(f"{what}: image URL refused: {exc}") from None
+            except FetchError as exc:
+                last = str(exc)
+                if exc.status == 401 and self.auth is not None and attempt == 0:
+                    self.auth.invalidate()  # an expired access token: refresh once
+                    continue
+                if not exc.retryable:
+                    raise MadsegError(f"{what}: {exc}") from None
+            time.sleep(min(0.5 * (attempt + 1), deadline.remaining()))
+        raise MadsegError(f"{what}: downloading {shown(url)} failed ({last})")
