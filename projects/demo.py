@@ -2,14 +2,16 @@
 
 1. The experiment is ``projects/templates/demo.toml`` (pool = coco_voc + unlabelled images;
    target ESPNetv2 s=2.0 @384; competitors DiCENet s=1.75 @384, the TFLite DeepLabV3 and ESPNetv2
-   s=1.0 @384; S(0)/T(0) = the halves of voc_samples), with the experiment dir, the Label Studio
-   URL and the ML backend URL filled in (a copy is written to ``<dir>/experiment.toml``).
+   s=1.0 @384; S(0) = VOC 2012 train, T(0) = a fixed 40-image subset of VOC 2012 val), with the
+   experiment dir, the Label Studio URL and the ML backend URL filled in (a copy is written to
+   ``<dir>/experiment.toml``).
 2. A local Label Studio starts on 127.0.0.1:``--port`` with its SQLite data in ``<dir>/label-studio``,
    a legacy API token, and local-files serving from a document root that holds ``../shared`` and
    the experiment dir. The admin account (e-mail + password) is generated once and kept in
    ``<dir>/label-studio/credentials.json`` (mode 0600), so re-runs log in with the same account.
 3. The ML backend (``madseg backend``) starts on 127.0.0.1:``--backend-port`` serving the target
-   and, after each round, the version the round fine-tuned (``<dir>/backend/current.json``); it
+   and, after each round, the version the round fine-tuned if the promotion gate promoted it
+   (``<dir>/backend/current.json``; a rejected version is kept and listed, never served); it
    does not fine-tune on annotations (``MADSEG_TRAIN_ON_ANNOTATION=0``): the rounds do that
    in-process.
 4. ``projects.rounds.run_experiment`` runs rounds 1..``--rounds`` (default 2) with the simulated

@@ -730,7 +730,8 @@ class Services:
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> dict[str, Any]:
-        """Fine-tune the experiment's f(0) on ``train_dir`` (S(1..i)); LR chosen on T(0).
+        """Fine-tune the experiment's f(0) on ``train_dir`` (S(1..i)); LR chosen on T(0) (by
+        ground-truth-class mIoU) when the settings give several.
 
         Default: S(0) replayed in every step (``[finetune] replay``). ``lwf``: the Learning-without-
         Forgetting variant instead — no replay, distillation towards f(0) on the round's candidate
@@ -753,7 +754,10 @@ class Services:
             unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
         elif ft.lwf_weight > 0:
             unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
-        res = finetune(model, LabelledFolder(train_dir), out_dir, replay=replay, val=self.exp.t0.open(),
+        # T(0) chooses among several LRs; with one LR it would only be evaluated for the record,
+        # which the promotion gate does anyway (cached for the report)
+        val = self.exp.t0.open() if len(cfg.lrs) > 1 else None
+        res = finetune(model, LabelledFolder(train_dir), out_dir, replay=replay, val=val,
                        unlabelled=unlabelled, config=cfg, progress=self.options.progress)
         return {"spec": res.spec.to_dict(), "version": str(res.version), "lr": float(res.lr),
                 "val_miou": None if res.val_miou is None else float(res.val_miou),

@@ -278,9 +278,10 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     assert settings is not None and env["MADSEG_BACKEND_SETTINGS"] == str(settings)
     cfg = BackendConfig.from_env(env)
     assert cfg.target == exp.target.spec()
-    assert cfg.replay_dir == (shared_dir() / "data" / "voc_samples").resolve()
-    assert cfg.replay_subset == "half0"
-    assert cfg.val_subset == "half1"
+    assert cfg.replay_dir == (shared_dir() / "data" / "voc2012" / "train").resolve()
+    assert cfg.replay_subset is None
+    assert cfg.val_dir == (shared_dir() / "data" / "voc2012" / "val").resolve()
+    assert cfg.val_subset == list(exp.t0.subset)
     ft = finetune_config(cfg.finetune_options)
     assert ft.epochs == exp.finetune.epochs and ft.lrs == exp.finetune.lr_grid
     # explicit variables win over the experiment

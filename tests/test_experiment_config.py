@@ -150,8 +150,9 @@ def test_demo_template_loads_against_shared() -> None:
     assert cfg.target.checkpoint == str(shared / "models" / "espnetv2" / "espnetv2_s_2.0_pascal_384x384.pth")
     assert [c.name for c in cfg.competitors] == ["dicenet", "tflite", "espnetv2"]
     assert len({m.key for m in cfg.models}) == 4
-    assert cfg.s0.root == cfg.t0.root == shared / "data" / "voc_samples"
-    assert (cfg.s0.subset, cfg.t0.subset) == ("half0", "half1")
+    assert cfg.s0.root == shared / "data" / "voc2012" / "train" and cfg.s0.subset is None
+    assert cfg.t0.root == shared / "data" / "voc2012" / "val" and len(cfg.t0.subset) == 40
+    assert len(cfg.s0.open()) == 330 and len(cfg.t0.open()) == 40
     assert cfg.oracle.gt == (shared / "data" / "coco_voc" / "masks",)
     assert cfg.selection.test_size == 30 and cfg.selection.max_per_class == 4
     assert cfg.label_studio.raters_per_task == 3
