@@ -15,6 +15,8 @@ What madseg needs to know about an ONNX file, and where it comes from (first tha
   metadata key ``output``; else an integer output or one of rank 3 means labels, and a float
   output is logits unless a probe run on a grey image gives non-negative values that sum to 1
   over the classes (probabilities).
+- **version**: the content of the ``.onnx`` file and of its external-data files (large exports
+  keep their weights in ``<model>.onnx.data``), plus the options above; not the path.
 - **classes**: option ``class_names``, else the metadata key ``class_names`` (JSON list), else
   the output's channel count (``class_0``.. or VOC names for 21). A ``labels`` output needs
   ``num_classes`` or ``class_names``.
@@ -287,6 +289,41 @@ class OnnxSegmentationModel(SegmentationModel):
         return probs.to(self.device)
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX model's weights live in (``torch.onnx`` writes large models as
+    ``model.onnx`` + ``model.onnx.data``), sorted. With the ``onnx`` package the model's own list of
+    locations is read; without it, files next to the model named ``<model file name>.*`` /
+    ``<stem>.data`` / ``<stem>.bin`` are taken."""
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:  # unreadable here too: onnxruntime has already said why
+            return []
+        found = set()
+        for init in proto.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                loc = next((e.value for e in init.external_data if e.key == "location"), None)
+                if loc:
+                    found.add((path.parent / loc).resolve())
+        return sorted(p for p in found if p.is_file())
+    cands = [*path.parent.glob(path.name + ".*"), path.with_suffix(".data"), path.with_suffix(".bin")]
+    return sorted({p.resolve() for p in cands if p.is_file() and p.resolve() != path.resolve()})
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 over the model file and its external-data files (content only, not their paths)."""
+    import hashlib
+
+    h = hashlib.sha256(file_sha256(path).encode())
+    for extra in external_data_files(path):
+        h.update(f"|{extra.name}:{file_sha256(extra)}".encode())
+    return h.hexdigest()
+
+
 def _providers(ort: Any, provider: str, device: torch.device, path: Path) -> list[str]:
     available = list(ort.get_available_providers())
     if provider == "cuda":
@@ -422,7 +459,7 @@ def load_onnx(
         io=io,
         output_kind=kind,
         name="onnx",
-        version=make_version(slug, file_sha256(path), version_opts),
+        version=make_version(slug, content_hash(path), version_opts),
         spec=ModelSpec("onnx", str(path), spec_opts | ({"provider": provider} if provider != "auto" else {})),
         class_names=names,
         input_size=(h, w),
