@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from ml_backend.errors import MadsegError
 from ml_backend.experiment_settings import SETTINGS_ENV, ExperimentSettings
 
 from .experiment import ExperimentConfig, load_experiment
@@ -69,6 +70,13 @@ def prepare_backend_env(env: MutableMapping[str, str]) -> Path | None:
     exp_file = env.get(EXPERIMENT_ENV, "").strip()
     if not exp_file or env.get(SETTINGS_ENV, "").strip():
         return None
-    path = write_backend_settings(load_experiment(exp_file))
+    exp = load_experiment(exp_file)
+    try:
+        path = write_backend_settings(exp)
+    except OSError as exc:
+        raise MadsegError(
+            f"{EXPERIMENT_ENV}={exp_file}: cannot write the backend's settings to "
+            f"{Path(exp.dir) / SETTINGS_FILE} ({exc.strerror or exc}); make the experiment dir writable"
+        ) from None
     env[SETTINGS_ENV] = str(path)
     return path
