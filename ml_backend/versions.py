@@ -146,13 +146,18 @@ def record_version(model_dir: str | os.PathLike[str], record: ServingRecord) -> 
 def write_pointer(model_dir: str | os.PathLike[str], record: ServingRecord) -> Path:
     """Record ``record`` under ``versions/<job id>/`` and atomically make it the current version.
 
-    A record the promotion gate rejected (``status != "promoted"``) raises :class:`MadsegError`:
-    it is never served.
+    Only a record carrying a promotion-gate decision that promoted it may be served: a rejected
+    record, or one without a decision (``gate=None``), raises :class:`MadsegError`.
     """
     if record.status != "promoted":
         raise MadsegError(
             f"version {record.version} ({record.job_id}) was {record.status} by the promotion gate "
             f"({record.reason or 'no reason recorded'}); it cannot become the served version"
+        )
+    if not isinstance(record.gate, dict) or record.gate.get("promoted") is not True:
+        raise MadsegError(
+            f"version {record.version} ({record.job_id}) has no promotion-gate decision; run the gate "
+            "(ml_backend.gate.decide) and pass its decision to new_record(gate=...) before serving it"
         )
     record_version(model_dir, record)
     return atomic_write_json(pointer_path(model_dir), record.to_json())

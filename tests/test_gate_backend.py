@@ -22,7 +22,7 @@ from ml_backend.backend_config import BackendConfig
 from ml_backend.errors import MadsegError
 from ml_backend.jobs import Submission, train_gate_publish
 from ml_backend.shared import shared_dir
-from ml_backend.versions import list_versions, read_pointer, write_pointer
+from ml_backend.versions import list_versions, new_record, read_pointer, write_pointer
 from ml_backend.zoo import load_model_spec
 
 VOC = shared_dir() / "data" / "voc_samples"
@@ -90,9 +90,13 @@ def test_forced_regression_is_rejected_and_never_served(tmp_path: Path, data_dir
     (detail,) = listed["details"]
     assert detail["status"] == "rejected" and detail["version"] == rec.version
     assert "forgetting" in detail["reason"] and detail["serving"] is False
-    # even a direct attempt cannot serve it
+    # even a direct attempt cannot serve it, nor a record that skipped the gate
     with pytest.raises(MadsegError, match="rejected by the promotion gate"):
         write_pointer(tmp_path, list_versions(tmp_path)[0])
+    ungated = new_record(version="v", name="espnetv2", checkpoint=rec.checkpoint, options={}, job_id="x",
+                         projects=(), n_train=1)
+    with pytest.raises(MadsegError, match="no promotion-gate decision"):
+        write_pointer(tmp_path, ungated)
     assert read_pointer(tmp_path) is None
 
 
