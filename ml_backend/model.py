@@ -230,6 +230,11 @@ def image_source(
     )
 
 
+#: Threads fetching one request's images, and the share of its deadline they may use.
+IMAGE_WORKERS = 4
+FETCH_SHARE = 0.6
+
+
 def _task_name(task: Any, index: int) -> str:
     """``task 12`` (Label Studio's id when it is a plain number), else ``task #<index in the request>``."""
     tid = task.get("id") if isinstance(task, dict) else None
@@ -286,22 +291,36 @@ class MadsegSegmenter(LabelStudioMLBase):
     def _load_images(
         self, tasks: list[dict[str, Any]], login: tuple[str, str] | None, deadline: Deadline
     ) -> list[Any]:
-        out: list[Any] = []
-        for i, task in enumerate(tasks):
+        """Each task's image (an (H, W, 3) uint8 array) or the exception that refused it, in order.
+
+        Images are fetched by up to :data:`IMAGE_WORKERS` threads, all within the first
+        :data:`FETCH_SHARE` of the request's remaining time (the rest is kept for inference), so one
+        slow host costs its own task only.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        fetch_deadline = Deadline(deadline.remaining() * FETCH_SHARE)
+
+        def one(i: int, task: Any) -> Any:
             what = _task_name(task, i)
             try:
                 data = task.get("data") if isinstance(task, dict) else None
                 if not isinstance(data, dict):
                     raise MadsegError(f"{what}: no 'data' object")
-                deadline.check(what)
-                out.append(self.images.load(data.get(self.target.image_key), what, login, deadline))
+                fetch_deadline.check(what)
+                return self.images.load(data.get(self.target.image_key), what, login, fetch_deadline)
             except MadsegError as exc:
                 log.error("no prediction for %s: %s", what, exc)
-                out.append(exc)
+                return exc
             except Exception as exc:  # a task no check anticipated must not fail the others
                 log.error("no prediction for %s: unexpected %s", what, type(exc).__name__)
-                out.append(exc)
-        return out
+                return exc
+
+        if not tasks:
+            return []
+        with ThreadPoolExecutor(max_workers=min(IMAGE_WORKERS, len(tasks)),
+                                thread_name_prefix="madseg-image") as pool:
+            return list(pool.map(one, range(len(tasks)), tasks))
 
     def predict(self, tasks: list[dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
         """One prediction per task, in order (a task whose image cannot be read gets an empty result).

@@ -1,0 +1,223 @@
+"""The ML backend as a real process (``python -m ml_backend``: gunicorn, gthread): binding and
+credentials at start, 413 before the body is read (Content-Length and chunked), per-request
+deadlines, and ``/health`` within a second while predictions hang on slow image hosts. Image
+hosts are test servers on 127.0.0.1 only. Each refusal beside a positive control."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from ml_backend.backend_cli import check_exposure, is_loopback_host
+from ml_backend.backend_config import BackendConfig
+from ml_backend.classes import VOC_CLASSES
+from ml_backend.labelstudio.configs import segmentation_config
+from ml_backend.shared import shared_dir
+from projects.ls_local import free_port
+from tests.security_servers import TestServer, drip
+
+pytestmark = [pytest.mark.slow]
+
+SEG = segmentation_config(VOC_CLASSES)
+LIMIT = 1024 * 1024  # MADSEG_MAX_BODY_BYTES of the test backend
+
+
+def _checkpoint() -> Path:
+    return shared_dir() / "models" / "espnetv2" / "espnetv2_s_0.5_pascal_256x256.pth"
+
+
+def _env(tmp: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MADSEG_", "BASIC_AUTH", "REDIS_URL", "LABEL_STUDIO_"))}
+    env.update({"MADSEG_MODEL": "espnetv2", "MADSEG_CHECKPOINT": str(_checkpoint()),
+                "MADSEG_MODEL_DIR": str(tmp / "models"), "MADSEG_BACKEND_PORT": str(port),
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ml_backend", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+class Proc:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.url = f"http://127.0.0.1:{env['MADSEG_BACKEND_PORT']}"
+        self.log_path = log
+        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "ml_backend"], env=env, stdout=self._fh,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"backend exited:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"backend did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+
+@pytest.fixture(scope="module")
+def image_bytes() -> bytes:
+    return sorted((shared_dir() / "data" / "voc_samples" / "images").iterdir())[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def hosts(image_bytes: bytes) -> Iterator[dict[str, TestServer]]:
+    """An allowed image host with a good image and one that drips bytes (0.5 s per byte)."""
+    good = TestServer({"/a.jpg": lambda r: (200, {}, image_bytes)})
+    slow = TestServer({"/slow.jpg": drip(image_bytes[:4000], 0.5)})
+    yield {"good": good, "slow": slow}
+    good.close()
+    slow.close()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, TestServer]) -> Iterator[Proc]:
+    tmp = tmp_path_factory.mktemp("secproc")
+    env = _env(tmp, free_port(), MADSEG_BACKEND_THREADS="4", MADSEG_MAX_BODY_BYTES=str(LIMIT),
+               MADSEG_PREDICT_DEADLINE="4",
+               MADSEG_IMAGE_HOSTS=f"127.0.0.1:{hosts['good'].port},127.0.0.1:{hosts['slow'].port}")
+    proc = Proc(env, tmp / "backend.log")  # no MADSEG_BACKEND_HOST: the default address
+    yield proc
+    proc.stop()
+
+
+# -- binding --------------------------------------------------------------------------------------------
+
+
+def test_default_listen_address_is_loopback(backend: Proc) -> None:
+    assert f"Listening at: {backend.url}" in backend.log()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_other_addresses_without_credentials_are_refused_at_start(tmp_path: Path, host: str) -> None:
+    r = _run_cli(_env(tmp_path, free_port()), "--host", host)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "refusing to listen" in line and "BASIC_AUTH_USER" in line and "MADSEG_BACKEND_TOKEN" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_exposure_rule_positive_controls(tmp_path: Path) -> None:
+    cfg = BackendConfig(target={"name": "espnetv2"}, model_dir=tmp_path, host="0.0.0.0")
+    check_exposure(cfg.with_(backend_token="t" * 24))
+    check_exposure(cfg.with_(basic_auth_user="u", basic_auth_pass="p"))
+    check_exposure(cfg.with_(host="127.0.0.1"))
+    assert is_loopback_host("::1") and is_loopback_host("localhost") and is_loopback_host("127.0.0.2")
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("10.0.0.1")
+
+
+def test_a_document_root_of_slash_is_refused_at_start(tmp_path: Path) -> None:
+    r = _run_cli(_env(tmp_path, free_port(), LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="/"))
+    assert r.returncode == 2 and "document root of /" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- body limit ------------------------------------------------------------------------------------------
+
+
+def _raw(url: str, head: bytes, body_chunks: list[bytes], pause: float = 0.0) -> tuple[bytes, int]:
+    """Send a raw request; returns (the answer's first bytes, how many body bytes were sent)."""
+    port = int(url.rsplit(":", 1)[1])
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        try:
+            for chunk in body_chunks:
+                s.sendall(chunk)
+                sent += len(chunk)
+                if pause:
+                    time.sleep(pause)
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        s.settimeout(10)
+        return s.recv(4096), sent
+
+
+def test_content_length_over_the_limit_is_413_before_reading(backend: Proc) -> None:
+    for size in (40 * 1024 * 1024, 512 * 1024 * 1024):
+        head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {size}\r\n\r\n").encode()
+        t0 = time.monotonic()
+        answer, _ = _raw(backend.url, head, [])  # no body byte is ever sent
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert time.monotonic() - t0 < 2
+    ok = requests.post(f"{backend.url}/webhook", json={"action": "PROJECT_UPDATED", "pad": "x" * 1000},
+                       timeout=10)
+    assert ok.status_code == 200  # positive control
+
+
+def test_chunked_body_over_the_limit_is_413(backend: Proc) -> None:
+    head = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"x" * 65536
+    chunks = [f"{len(piece):x}\r\n".encode() + piece + b"\r\n"] * 64  # 4 MB offered, the limit is 1 MB
+    answer, sent = _raw(backend.url, head, chunks, pause=0.01)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # positive control: a small chunked body is read and answered
+    body = b'{"action": "PROJECT_UPDATED"}'
+    answer, _ = _raw(backend.url, head, [f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"])
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+# -- deadlines and /health under load ------------------------------------------------------------------
+
+
+def _predict(url: str, urls: list[str]) -> requests.Response:
+    tasks = [{"id": i + 1, "data": {"image": u}} for i, u in enumerate(urls)]
+    return requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": SEG}, timeout=60)
+
+
+def test_slow_image_hosts_cannot_starve_the_backend(backend: Proc, hosts: dict[str, TestServer]) -> None:
+    good, slow = f"{hosts['good'].url}/a.jpg", f"{hosts['slow'].url}/slow.jpg"
+    # positive control: an allowed host's image is predicted
+    r = _predict(backend.url, [good])
+    assert r.status_code == 200 and r.json()["results"][0]["result"]
+    with cf.ThreadPoolExecutor(5) as pool:
+        t0 = time.monotonic()
+        futures = [pool.submit(_predict, backend.url, [slow, good]) for _ in range(4)]
+        time.sleep(1.0)
+        health_times = []
+        for _ in range(3):
+            h0 = time.monotonic()
+            assert requests.get(f"{backend.url}/health", timeout=5).status_code == 200
+            health_times.append(time.monotonic() - h0)
+            time.sleep(0.3)
+        answers = [f.result() for f in futures]
+        elapsed = time.monotonic() - t0
+    assert max(health_times) < 1.0, health_times
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) == 3 and codes.count(503) == 1, codes  # 4 threads: 3 prediction slots
+    for a in answers:
+        if a.status_code == 200:
+            painted = [bool(p["result"]) for p in a.json()["results"]]
+            assert painted == [False, True], painted  # slow task cut at its deadline, the rest answered
+    assert elapsed < 15, elapsed  # deadline 4 s (+ inference), not 4000 bytes x 0.5 s
+    assert "no prediction for task 1" in backend.log()
