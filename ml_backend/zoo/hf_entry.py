@@ -143,6 +143,11 @@ def load_hf(
     or a fine-tuned ``.pth`` with option ``pretrained`` naming the folder it was trained from."""
     pretrained = options.pop("pretrained", None)
     ckpt_file: Path | None = None
+    if checkpoint is not None and not Path(os.path.expanduser(checkpoint)).exists():
+        raise ModelError(
+            f"hf: {checkpoint} not found; give a local model folder (hf entries load local folders only, "
+            "e.g. a `huggingface-cli download ... --local-dir DIR` or save_pretrained folder) or a .pth"
+        )
     if checkpoint is not None and Path(os.path.expanduser(checkpoint)).is_dir():
         if pretrained is not None and Path(str(pretrained)).resolve() != Path(checkpoint).resolve():
             raise ModelError(
