@@ -12,8 +12,10 @@ Sections and keys (defaults in brackets)::
     [target]      key, name, checkpoint, options [{}]
     [[competitors]] key, name, checkpoint, options    (at least one)
     [s0] / [t0]   root, subset ["half0" / "half1"]    (folders with images/ and masks/)
-    [selection]   n3, n4, test_size [30], max_per_class [4], bounds ["quartiles"],
-                  metric ["miou"], working_size [model input size], baseline ["entropy"]
+    [selection]   n3, n4, test_size [30], max_per_class [4], bounds ["auto"],
+                  bounds_method ["quartiles"], min_count [5], order ["failures"],
+                  rating_budget [0 = all of M], metric ["miou"], working_size [model input size],
+                  baseline ["entropy"]
     [finetune]    preset ["demo"], epochs, batch_size, lr_grid, replay, lwf_weight
     [label_studio] url, api_key_env ["LABEL_STUDIO_API_KEY"], document_root, raters_per_task [3],
                   backend_url
@@ -64,6 +66,8 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"epochs": 5, "batch_size": 2, "lr_grid": (1e-4,), "replay": True, "lwf_weight": 0.0},
 }
 BOUNDS_METHODS = ("quartiles", "mean_std")
+BOUNDS_RULES = ("auto", "s0", "pool", "none")
+ORDERS = ("failures", "rank")
 DISTANCE_METRICS = ("miou", "pixel_accuracy")
 BASELINES = ("entropy", "random", "none")
 IGNORE_POLICIES = ("unlabeled", "background")
@@ -77,7 +81,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "s0": ("root", "subset"),
     "t0": ("root", "subset"),
     "selection": (
-        "n3", "n4", "test_size", "max_per_class", "bounds", "metric", "working_size", "baseline",
+        "n3", "n4", "test_size", "max_per_class", "bounds", "bounds_method", "min_count", "order",
+        "rating_budget", "metric", "working_size", "baseline",
     ),
     "finetune": ("preset", "epochs", "batch_size", "lr_grid", "replay", "lwf_weight"),
     "label_studio": ("url", "api_key_env", "document_root", "raters_per_task", "backend_url"),
@@ -152,7 +157,12 @@ class SelectionConfig:
 
     ``n3``: images per (competitor, class, partition) problem; ``n4``: lowest-rated images that go
     to S(i); ``test_size``/``max_per_class``: the unbiased test set T(i+1) (see
-    ``projects.testset``); ``bounds``: size-bound method; ``metric``: distance between label maps;
+    ``projects.testset``); ``bounds``: the size-bound rule (``sampler.bounds.class_bounds``:
+    ``"auto"`` = S(0) per class where it has ``min_count`` masks of it, else the models'
+    predictions on the pool, else none; ``"s0"`` = the paper's S(0)-only rule; ``"pool"``;
+    ``"none"``) with the statistic ``bounds_method``; ``order``: how M is ordered for the raters
+    (``sampler.order``: ``"failures"`` or the paper's ``"rank"``); ``rating_budget``: only M's
+    first R candidates go to the raters (0 = all); ``metric``: distance between label maps;
     ``working_size``: (H, W) of the stored label maps, ``None`` = the target's input size;
     ``baseline``: the selection the same budget is spent on for the Appendix-A comparison
     (``None`` = no comparison).
@@ -162,7 +172,11 @@ class SelectionConfig:
     n4: int
     test_size: int = 30
     max_per_class: int = 4
-    bounds: str = "quartiles"
+    bounds: str = "auto"
+    bounds_method: str = "quartiles"
+    min_count: int = 5
+    order: str = "failures"
+    rating_budget: int = 0
     metric: str = "miou"
     working_size: tuple[int, int] | None = None
     baseline: str | None = "entropy"
@@ -170,7 +184,8 @@ class SelectionConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "n3": self.n3, "n4": self.n4, "test_size": self.test_size, "max_per_class": self.max_per_class,
-            "bounds": self.bounds, "metric": self.metric,
+            "bounds": self.bounds, "bounds_method": self.bounds_method, "min_count": self.min_count,
+            "order": self.order, "rating_budget": self.rating_budget, "metric": self.metric,
             "working_size": list(self.working_size) if self.working_size else None,
             "baseline": self.baseline,
         }
@@ -637,10 +652,19 @@ def _parse(raw: dict[str, Any], path: Path, check_paths: bool) -> ExperimentConf
     else:
         raise r.fail(w, f"working_size must be a positive integer or [height, width], got {ws!r}")
     baseline = r.choice(se, w, "baseline", "entropy", BASELINES)
+    bounds = se.get("bounds", "auto")
+    bounds_method = r.choice(se, w, "bounds_method", "quartiles", BOUNDS_METHODS)
+    if bounds in BOUNDS_METHODS:  # the earlier meaning of the key: the S(0) rule with that statistic
+        bounds, bounds_method = "s0", bounds
+    elif bounds not in BOUNDS_RULES:
+        raise r.fail(w, f"bounds must be one of {', '.join(repr(o) for o in BOUNDS_RULES)} (or the S(0) "
+                        f"statistic 'quartiles' / 'mean_std'), got {bounds!r}")
     selection = SelectionConfig(
         n3=r.int_(se, w, "n3"), n4=r.int_(se, w, "n4"),
         test_size=r.int_(se, w, "test_size", 30), max_per_class=r.int_(se, w, "max_per_class", 4),
-        bounds=r.choice(se, w, "bounds", "quartiles", BOUNDS_METHODS),
+        bounds=bounds, bounds_method=bounds_method, min_count=r.int_(se, w, "min_count", 5),
+        order=r.choice(se, w, "order", "failures", ORDERS),
+        rating_budget=r.int_(se, w, "rating_budget", 0, minimum=0),
         metric=r.choice(se, w, "metric", "miou", DISTANCE_METRICS),
         working_size=working_size, baseline=None if baseline == "none" else baseline,
     )

@@ -4,14 +4,19 @@ A round (1-based, ``<exp_dir>/round-<i>/``) of a MAD experiment::
 
     score      the pool with the round's target f(i-1) and the competitors (only what the score
                store does not hold yet; competitors are scored once for the whole experiment)
-    select     M(i) = the MAD candidates (size bounds from the S(0) masks) -> candidates.jsonl
+    select     M(i) = the MAD candidates -> candidates.jsonl, by the sampler's entry point
+               (``sampler.candidates.mad_candidates``): size bounds by ``[selection] bounds``
+               (default: S(0) per class where it has enough masks, else the models' predictions
+               on the pool), M in the raters' order (``sampler.order``), cut at
+               ``[selection] rating_budget``; the bounds' sources and counts go into the state
     predict    f(i-1)'s label map of every candidate at its original size -> pred/<id>.png
                (overlays for the raters, what the oracle compares, segmentation pre-annotations)
     projects   the round's rating + segmentation projects in Label Studio (+ local storage, ML backend)
     push_rating    M(i) into the rating project with overlays of f(i-1)'s prediction (idempotent)
     ratings    wait until every task has its ratings (the oracle plays the raters when enabled;
                a tqdm bar counts completed tasks) -> ratings.json
-    choose     S(i) = the n4 lowest mean opinion scores (out-of-domain excluded); T(i) chosen from
+    choose     S(i) = the n4 lowest mean opinion scores (out-of-domain excluded; ties: earlier in
+               M's order); T(i) chosen from
                M(i) minus S(1..i) by projects.testset -> selection.json
     push_segmentation  S(i) and T(i) for pixel labels with f(i-1)'s pre-annotations (idempotent)
     masks      wait for the masks (the oracle annotator when enabled), export -> labels/
@@ -108,14 +113,18 @@ class RoundPlan:
         return round_dir(self.root, self.number)
 
 
-def lowest_mos(mos: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
-    """The ``n`` image ids with the lowest finite MOS (ties: smaller id first), minus ``exclude``.
+def lowest_mos(mos: Mapping[str, float], n: int, exclude: Sequence[str] = (),
+               order: Sequence[str] | None = None) -> list[str]:
+    """The ``n`` image ids with the lowest finite MOS, minus ``exclude``; ties: earlier in
+    ``order`` (e.g. M's rating order; ids not in it after), then smaller id first.
 
     Out-of-domain images carry MOS = +inf (the veto) and are never chosen.
     """
     ex = set(exclude)
-    finite = [(v, k) for k, v in mos.items() if k not in ex and v != float("inf") and v == v]
-    return [k for _, k in sorted(finite)[:n]]
+    pos = {k: i for i, k in enumerate(order or ())}
+    finite = [(v, pos.get(k, len(pos)), k) for k, v in mos.items()
+              if k not in ex and v != float("inf") and v == v]
+    return [k for _, _, k in sorted(finite)[:n]]
 
 
 def top_by_score(scores: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
@@ -326,7 +335,8 @@ class RoundRunner:
             ent = {c.id: float(c.entropy or 0.0) for c in cands}
             s_ids = top_by_score(ent, plan.n4, exclude=[*ood, *plan.used])
         else:
-            s_ids = lowest_mos(mos, plan.n4, exclude=sorted(plan.used)) if plan.n4 else []
+            s_ids = lowest_mos(mos, plan.n4, exclude=sorted(plan.used), order=[c.id for c in cands]) \
+                if plan.n4 else []
         t_info: dict[str, Any] = {"ids": []}
         if plan.test_size:
             t_info = self.services.choose_test(plan, cands, ood=ood, used=set(plan.used) | set(s_ids))
@@ -493,7 +503,7 @@ class Services:
         self.options = options
         self.store_dir = store_dir
         self.model_dir = model_dir
-        self._bounds: Any = None
+        self._s0_fractions: Any = None
 
     # -- scoring and selection -------------------------------------------------------------------
     def score(self, plan: RoundPlan) -> dict[str, Any]:
@@ -511,17 +521,14 @@ class Services:
                 "n_images": int(stats.images), "bad": int(stats.bad), "duplicates": int(stats.duplicates),
                 "inferred": dict(stats.inferred)}
 
-    def bounds(self) -> Any:
-        """(C, 2) area bounds from the S(0) masks (``[selection] bounds``)."""
-        if self._bounds is None:
-            from ml_backend.imageio import read_mask
-            from sampler.bounds import bounds_from_masks
+    def s0_fractions(self) -> Any:
+        """(M, C) class area fractions of the S(0) masks (for the size bounds), read once."""
+        if self._s0_fractions is None:
+            from sampler.candidates import mask_area_fractions
 
-            c = self.exp.num_classes
-            masks = (read_mask(m, c) for _, m in self.exp.s0.open().pairs)
-            self._bounds = bounds_from_masks(masks, c, self.exp.selection.bounds,
-                                             class_names=self.exp.classes)
-        return self._bounds
+            self._s0_fractions = mask_area_fractions((m for _, m in self.exp.s0.open().pairs),
+                                                     self.exp.num_classes)
+        return self._s0_fractions
 
     def _selection_inputs(self, scored: Mapping[str, Any]) -> Any:
         """The sampler's selection arrays for the round's target and competitors (by version)."""
@@ -533,14 +540,15 @@ class Services:
     def select_mad(self, plan: RoundPlan, scored: Mapping[str, Any]) -> dict[str, Any]:
         """M = MAD candidates of ``plan.target`` vs the competitors (minus ``plan.used``) ->
         candidates.jsonl, by the sampler's entry point (the same file ``madseg select`` writes)."""
-        from sampler.candidates import select_candidates, write_candidates
+        from sampler.candidates import mad_candidates, write_candidates
 
-        inp = self._selection_inputs(scored).without(plan.used)
-        cands = select_candidates(self.store_dir, bounds=self.bounds(), n3=self.exp.selection.n3, inputs=inp,
-                                  competitor_names=list(scored["competitor_versions"]))
-        write_candidates(plan.dir / "candidates.jsonl", cands)
-        return {"candidates": "candidates.jsonl", "n_candidates": len(cands),
-                "n_records": sum(len(c.selections) for c in cands), "pool_size": int(inp.ids.size)}
+        se = self.exp.selection
+        sel = mad_candidates(self.store_dir, self._selection_inputs(scored), n3=se.n3, bounds=se.bounds,
+                             s0_fractions=self.s0_fractions(), bounds_method=se.bounds_method,
+                             min_count=se.min_count, order=se.order, budget=se.rating_budget,
+                             exclude=plan.used, competitor_names=list(scored["competitor_versions"]))
+        write_candidates(plan.dir / "candidates.jsonl", sel.candidates)
+        return {"candidates": "candidates.jsonl", **sel.info()}
 
     def select_entropy(self, plan: RoundPlan, scored: Mapping[str, Any], n: int) -> dict[str, Any]:
         """The ``n`` images with the largest mean entropy of ``plan.target`` (minus ``plan.used``)

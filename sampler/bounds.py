@@ -112,3 +112,104 @@ def bounds_from_masks(
     rows = [class_area_fractions(mk, num_classes, ignore_index) for mk in masks]
     fractions = np.stack(rows) if rows else np.zeros((0, num_classes))
     return bounds_from_fractions(fractions, method, min_count, fallback, class_names)
+
+
+# =============================================================================================
+# the per-class rule: S(0) where it has enough masks, else the models' predictions on the pool
+# =============================================================================================
+
+#: ``[selection] bounds`` rules: ``"auto"`` (default: S(0) per class where it has ``min_count``
+#: masks of the class, else the pool's predictions, else none), ``"s0"`` (the paper: S(0) only,
+#: classes with too few masks use the pooled S(0) fallback), ``"pool"`` (predictions only),
+#: ``"none"`` (no size constraint).
+BOUNDS_RULES: tuple[str, ...] = ("auto", "s0", "pool", "none")
+
+
+def pool_area_samples(target_areas: np.ndarray, competitor_areas: np.ndarray) -> list[np.ndarray]:
+    """Per class k: the predicted area fractions of class k over the images where the target or a
+    competitor predicts it, one value per (model, image) with area > 0.
+
+    Args:
+        target_areas: (N, C) the target's predicted area fractions.
+        competitor_areas: (m, N, C) the competitors'.
+    Returns:
+        C arrays (float64), entry k of shape (n_k,).
+    """
+    ta = np.asarray(target_areas, dtype=np.float64)
+    ca = np.asarray(competitor_areas, dtype=np.float64).reshape(-1, ta.shape[0], ta.shape[1])
+    allm = np.concatenate([ta[None], ca], axis=0)  # (m+1, N, C)
+    return [allm[:, :, k][allm[:, :, k] > 0] for k in range(ta.shape[1])]
+
+
+def class_bounds(
+    s0_fractions: np.ndarray | None,
+    target_areas: np.ndarray,
+    competitor_areas: np.ndarray,
+    rule: str = "auto",
+    method: BoundsMethod = "quartiles",
+    min_count: int = 5,
+    class_names: Iterable[str] | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Per-class size bounds (C, 2) and a report of where each came from (pure logic).
+
+    Args:
+        s0_fractions: (M, C) area fractions of the S(0) masks (:func:`class_area_fractions` per
+            mask; 0 = class absent), or None when there is no S(0).
+        target_areas: (N, C) the target's predicted area fractions on the pool.
+        competitor_areas: (m, N, C) the competitors'.
+        rule: one of :data:`BOUNDS_RULES`.
+        method: the statistic (``"quartiles"``: [Q1, Q3]; ``"mean_std"``).
+        min_count: the fewest values a class needs for a statistic from that source.
+    Returns:
+        ``(bounds, report)``; ``report`` is JSON-able: ``{"rule", "method", "min_count",
+        "counts": {"s0": n, "pool": n, "none": n, "s0_pooled": n}, "classes": {name: {"source",
+        "s0_masks", "pool_predictions", "bounds": [p, q]}}}`` (classes 1..C-1). Each class's source
+        and counts are also logged (logger ``sampler.bounds``).
+
+    ``"auto"``: S(0) where it has ``>= min_count`` masks of the class; otherwise the statistic of
+    the class's predicted areas over the images where the target or a competitor predicts it
+    (:func:`pool_area_samples`), when there are ``>= min_count`` such predictions; otherwise no
+    bound (``[0, 1]``). ``"s0"`` is :func:`bounds_from_fractions` with the pooled fallback (the
+    paper's rule as madseg always ran it); ``"pool"`` skips S(0); ``"none"`` bounds nothing.
+    """
+    if rule not in BOUNDS_RULES:
+        raise ValueError(f"unknown bounds rule {rule!r}; choose one of {', '.join(BOUNDS_RULES)}")
+    if method not in BOUNDS_METHODS:
+        raise ValueError(f"unknown bounds method {method!r}; choose one of {', '.join(BOUNDS_METHODS)}")
+    ta = np.asarray(target_areas, dtype=np.float64)
+    c = ta.shape[1]
+    names = list(class_names) if class_names is not None else [str(k) for k in range(c)]
+    s0 = np.zeros((0, c)) if s0_fractions is None else np.asarray(s0_fractions, dtype=np.float64)
+    if s0.ndim != 2 or s0.shape[1] != c:
+        raise ValueError(f"s0_fractions must be (M, {c}), got shape {s0.shape}")
+    s0_counts = (s0 > 0).sum(0)
+    pool = pool_area_samples(ta, competitor_areas)
+    need = max(min_count, 1)
+    out = np.tile(np.array(NO_BOUNDS), (c, 1))
+    sources = ["none"] * c
+    if rule == "s0":
+        out = bounds_from_fractions(s0, method, min_count, "pooled", names)
+        pooled = (s0[:, 1:] > 0).sum() >= need
+        sources = ["s0" if s0_counts[k] >= need else ("s0_pooled" if pooled else "none") for k in range(c)]
+    elif rule in ("auto", "pool"):
+        for k in range(1, c):
+            if rule == "auto" and s0_counts[k] >= need:
+                vals, sources[k] = s0[:, k][s0[:, k] > 0], "s0"
+            elif pool[k].size >= need:
+                vals, sources[k] = pool[k], "pool"
+            else:
+                continue
+            out[k] = _statistic(vals, method)
+    classes = {}
+    for k in range(1, c):
+        classes[names[k]] = {"source": sources[k], "s0_masks": int(s0_counts[k]),
+                             "pool_predictions": int(pool[k].size),
+                             "bounds": [round(float(out[k, 0]), 6), round(float(out[k, 1]), 6)]}
+        log.info("size bounds of %s: [%.4f, %.4f] from %s (%d S(0) masks, %d pool predictions)",
+                 names[k], out[k, 0], out[k, 1], sources[k], s0_counts[k], pool[k].size)
+    counts = {s: sum(1 for k in range(1, c) if sources[k] == s) for s in ("s0", "s0_pooled", "pool", "none")}
+    log.info("size bounds (rule %s, %s, min_count %d): %s", rule, method, min_count,
+             ", ".join(f"{n} from {s}" for s, n in counts.items() if n))
+    report = {"rule": rule, "method": method, "min_count": int(min_count), "counts": counts,
+              "classes": classes}
+    return out, report

@@ -56,7 +56,8 @@ from ml_backend.errors import MadsegError
 from ml_backend.imageio import read_mask
 
 from .baselines import entropy_select, random_select
-from .bounds import NO_BOUNDS, bounds_from_masks
+from .bounds import BOUNDS_RULES, NO_BOUNDS, bounds_from_fractions, class_area_fractions, class_bounds
+from .order import rating_order
 from .select import PARTITIONS, mad_select, records_by_image
 from .store import ScoreStore, open_store
 
@@ -284,6 +285,20 @@ def _mask_files(folder: Path) -> Iterator[Path]:
     yield from files
 
 
+def mask_area_fractions(masks: Iterable[str | os.PathLike[str]], num_classes: int) -> np.ndarray:
+    """Area fractions (M, C) of the label masks at ``masks`` (paths), read one at a time."""
+    rows = [class_area_fractions(read_mask(p, num_classes), num_classes) for p in masks]
+    return np.stack(rows) if rows else np.zeros((0, num_classes))
+
+
+def folder_area_fractions(folder: str | os.PathLike[str], num_classes: int) -> np.ndarray:
+    """Area fractions (M, C) of the masks in ``folder/masks`` (or ``folder``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MadsegError(f"--bounds-from {folder}: not a folder; give a folder of labelled masks")
+    return mask_area_fractions(_mask_files(folder), num_classes)
+
+
 def bounds_from_folder(
     folder: str | os.PathLike[str],
     num_classes: int,
@@ -292,13 +307,27 @@ def bounds_from_folder(
     min_count: int = 5,
     class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Bounds (C, 2) from the masks in ``folder/masks`` (or ``folder``), streamed one at a time."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MadsegError(f"--bounds-from {folder}: not a folder; give a folder of labelled masks")
-    masks = (read_mask(p, num_classes) for p in _mask_files(folder))
-    return bounds_from_masks(masks, num_classes, method, min_count=min_count,  # type: ignore[arg-type]
-                             class_names=class_names)
+    """Bounds (C, 2) from the masks in ``folder/masks`` (or ``folder``) by the S(0) rule."""
+    fractions = folder_area_fractions(folder, num_classes)
+    return bounds_from_fractions(fractions, method, min_count, "pooled", class_names)  # type: ignore[arg-type]
+
+
+def selection_bounds(
+    inputs: SelectionInputs,
+    rule: str = "auto",
+    s0_fractions: np.ndarray | None = None,
+    method: str = "quartiles",
+    min_count: int = 5,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Size bounds (C, 2) for ``inputs`` by ``rule`` (``sampler.bounds.class_bounds``: S(0)
+    fractions (M, C) where a class has enough masks, else the pool's predictions) and the report
+    (rule, method, per-class source and counts) that the round keeps in its state."""
+    if rule not in BOUNDS_RULES:
+        raise MadsegError(f"unknown bounds rule {rule!r}; choose one of {', '.join(BOUNDS_RULES)}")
+    if rule in ("s0",) and (s0_fractions is None or len(s0_fractions) == 0):
+        raise MadsegError("bounds rule 's0' needs S(0) masks (--bounds-from FOLDER)")
+    return class_bounds(s0_fractions, inputs.target_areas, inputs.competitor_areas, rule,
+                        method, min_count, inputs.class_names)  # type: ignore[arg-type]
 
 
 def _paths(store_dir: str | os.PathLike[str], ids: Sequence[str]) -> list[str | None]:
@@ -339,11 +368,14 @@ def select_candidates(
     inputs: SelectionInputs | None = None,
     exclude: Iterable[str] = (),
     competitor_names: Sequence[str] | None = None,
+    order: str = "failures",
 ) -> list[Candidate]:
-    """MAD candidates from the store, ordered for the raters (see the module docstring).
+    """All of M from the store with the given ``bounds`` (C, 2), in the rating ``order``
+    (:func:`sampler.order.rating_order`).
 
     ``competitor_names`` (one per competitor) replaces the store's display names in the records
-    (the round uses its competitor keys).
+    (the round uses its competitor keys). :func:`mad_candidates` adds the bounds rule and the
+    rating budget.
     """
     if n3 < 1:
         raise MadsegError(f"--n3 must be >= 1, got {n3}")
@@ -361,15 +393,67 @@ def select_candidates(
         raise MadsegError(f"bounds must have shape ({c}, 2) for {c} classes, got {bounds.shape}")
     records = mad_select(inp.target_areas, inp.competitor_areas, inp.distances, bounds, n3)
     groups = records_by_image(records)
-    order = sorted(groups, key=lambda i: (groups[i][0].rank, -max(r.distance for r in groups[i]), i))
+    ranked = rating_order(records, inp.target_areas, inp.competitor_areas, inp.distances, order).tolist()
     out = []
-    for i, path in _with_paths(store_dir, inp, order):
+    for i, path in _with_paths(store_dir, inp, ranked):
         sels = [Selection(competitor=names[r.competitor],
                           competitor_version=inp.competitor_versions[r.competitor],
                           cls=inp.class_names[r.cls], class_index=r.cls, partition=r.partition,
                           distance=r.distance, rank=r.rank) for r in groups[i]]
         out.append(_candidate(inp, i, path, len(out) + 1, "mad", sels))
     return out
+
+
+@dataclass
+class MadSelection:
+    """What :func:`mad_candidates` chose: ``candidates`` (M in rating order, cut at the rating
+    budget), ``m_size`` (|M| before the budget), the bounds (C, 2) and their report."""
+
+    candidates: list[Candidate]
+    m_size: int
+    pool_size: int
+    bounds: np.ndarray
+    bounds_report: dict[str, Any]
+    order: str
+    budget: int
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able facts for the round's state and the summary (the candidates excepted)."""
+        return {"n_candidates": len(self.candidates), "m_size": self.m_size, "pool_size": self.pool_size,
+                "n_records": sum(len(c.selections) for c in self.candidates), "order": self.order,
+                "rating_budget": self.budget, "bounds_rule": self.bounds_report}
+
+
+def mad_candidates(
+    store_dir: str | os.PathLike[str],
+    inputs: SelectionInputs,
+    *,
+    n3: int,
+    bounds: str = "auto",
+    s0_fractions: np.ndarray | None = None,
+    bounds_method: str = "quartiles",
+    min_count: int = 5,
+    order: str = "failures",
+    budget: int = 0,
+    exclude: Iterable[str] = (),
+    competitor_names: Sequence[str] | None = None,
+) -> MadSelection:
+    """The selection entry point of ``madseg select`` and ``madseg round``: size bounds by the
+    rule ``bounds`` (:func:`selection_bounds`, over ``inputs`` minus ``exclude``), MAD with
+    ``n3`` images per problem, M in the rating ``order``, and only M's first ``budget``
+    candidates kept when ``budget`` > 0 (the rating budget R)."""
+    if budget < 0:
+        raise MadsegError(f"rating budget must be >= 0 (0 = all of M), got {budget}")
+    inp = inputs.without(exclude)
+    b, report = selection_bounds(inp, bounds, s0_fractions, bounds_method, min_count)
+    cands = select_candidates(store_dir, bounds=b, n3=n3, inputs=inp, competitor_names=competitor_names,
+                              order=order)
+    m_size = len(cands)
+    if budget and budget < m_size:
+        log.info("rating budget %d: the first %d of %d candidates go to the raters", budget, budget, m_size)
+        cands = cands[:budget]
+    return MadSelection(candidates=cands, m_size=m_size, pool_size=int(inp.ids.size), bounds=b,
+                        bounds_report=report, order=order, budget=budget)
 
 
 def target_pool(

@@ -72,11 +72,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--n3", type=int, default=10, help="MAD: images per (competitor, class, partition)")
     s.add_argument("--n", type=int, default=None,
                    help="entropy/random: number of images to select (required for those methods)")
+    s.add_argument("--bounds", choices=("auto", "s0", "pool", "none"), default="auto",
+                   help="MAD: size-bound rule: auto (default: --bounds-from masks where a class has "
+                        "--min-occurrences of them, else the models' predicted areas on the pool, else "
+                        "none), s0 (the paper: --bounds-from only), pool, none")
     s.add_argument("--bounds-from", type=Path, default=None,
-                   help="labelled folder (masks/ or *.png) for the per-class size bounds")
+                   help="labelled folder (masks/ or *.png), S(0), for the per-class size bounds")
     s.add_argument("--bounds-method", choices=("quartiles", "mean_std"), default="quartiles")
     s.add_argument("--min-occurrences", type=int, default=5,
-                   help="classes in fewer reference masks use the pooled fallback bounds (default 5)")
+                   help="fewest masks (or pool predictions) of a class for bounds from them (default 5)")
+    s.add_argument("--order", choices=("failures", "rank"), default="failures",
+                   help="MAD: order of M for the raters: failures (default: competitors' agreement against "
+                        "the target, class round-robin) or rank (the paper's best rank)")
+    s.add_argument("--budget", type=int, default=0,
+                   help="MAD: rating budget R: write only M's first R candidates (default 0 = all of M)")
     s.add_argument("--metric", choices=("miou", "pixel_accuracy"), default="miou")
     s.add_argument("--target-version", default=None, help="default: the target of the latest score run")
     s.add_argument("--competitor-version", action="append", default=None,
@@ -148,18 +157,23 @@ def cmd_select(args: argparse.Namespace) -> int:
         inp = cand.load_selection_inputs(
             args.store, args.target_version, args.competitor_version, args.metric
         )
-        bounds = None
+        if args.n3 < 1:
+            raise MadsegError(f"--n3 must be >= 1, got {args.n3}")
+        s0 = None
         if args.bounds_from is not None:
-            bounds = cand.bounds_from_folder(
-                args.bounds_from, len(inp.class_names), args.bounds_method,
-                min_count=args.min_occurrences, class_names=inp.class_names,
-            )
-        result = cand.select_candidates(args.store, bounds=bounds, n3=args.n3, metric=args.metric, inputs=inp)
+            s0 = cand.folder_area_fractions(args.bounds_from, len(inp.class_names))
+        sel = cand.mad_candidates(
+            args.store, inp, n3=args.n3, bounds=args.bounds, s0_fractions=s0,
+            bounds_method=args.bounds_method, min_count=args.min_occurrences, order=args.order,
+            budget=args.budget,
+        )
+        result = sel.candidates
         summary = cand.summarize(
             result, "mad", pool_size=int(inp.ids.size), n3=args.n3, competitor_names=inp.competitor_names,
-            class_names=inp.class_names, bounds=bounds, metric=args.metric,
+            class_names=inp.class_names, bounds=sel.bounds, metric=args.metric,
             target_version=inp.target_version, competitor_versions=inp.competitor_versions,
         )
+        summary.update(sel.info())
     else:
         n = args.n
         if n is None:

@@ -87,7 +87,8 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.s0.subset == "half0" and cfg.t0.subset == "half1"
     sel = cfg.selection
     assert (sel.n3, sel.n4, sel.test_size, sel.max_per_class, sel.bounds, sel.metric, sel.working_size,
-            sel.baseline) == (2, 5, 30, 4, "quartiles", "miou", None, "entropy")
+            sel.baseline) == (2, 5, 30, 4, "auto", "miou", None, "entropy")
+    assert (sel.bounds_method, sel.min_count, sel.order, sel.rating_budget) == ("quartiles", 5, "failures", 0)
     ft = cfg.finetune
     assert ft.preset == "demo" and ft.batch_size == 2 and ft.replay is True
     ls = cfg.label_studio
@@ -169,7 +170,9 @@ def test_demo_template_loads_against_shared() -> None:
         ("n3 = 2", "n3 = true", r"\[selection\] n3 must be a positive integer, got True"),
         ("n4 = 5\n", "", r"\[selection\] n4 is required"),
         ("n3 = 2", "n3 = 2\nbounds = \"median\"",
-         r"\[selection\] bounds must be one of 'quartiles', 'mean_std'"),
+         r"\[selection\] bounds must be one of 'auto', 's0', 'pool', 'none'"),
+        ("n3 = 2", "n3 = 2\norder = \"best\"", r"\[selection\] order must be one of 'failures', 'rank'"),
+        ("n3 = 2", "n3 = 2\nrating_budget = -3", r"\[selection\] rating_budget must be an integer >= 0"),
         ("n3 = 2", "n3 = 2\nworking_size = [1, 2, 3]",
          r"working_size must be a positive integer or \[height, width\]"),
         ("n3 = 2", "n3 = 2\nn_3 = 4", r"\[selection\] unknown key 'n_3'; known keys: n3, n4"),
@@ -293,3 +296,13 @@ def test_experiment_lock_excludes_a_second_process(tmp_path: Path) -> None:
     p.start()
     p.join(30)
     assert q.get(timeout=5) == "locked"
+
+
+def test_selection_bounds_rule_and_the_paper_rule_one_setting_away(tmp_path: Path) -> None:
+    text = _replace(BASE, "n3 = 2", 'n3 = 2\nbounds = "s0"\nrating_budget = 40\norder = "rank"')
+    sel = load_experiment(_write(tmp_path, text)).selection
+    assert (sel.bounds, sel.bounds_method, sel.rating_budget, sel.order) == ("s0", "quartiles", 40, "rank")
+    # the key's earlier values (the S(0) statistic) still mean the S(0) rule with that statistic
+    sel = load_experiment(_write(tmp_path, _replace(BASE, "n3 = 2", 'n3 = 2\nbounds = "mean_std"'))).selection
+    assert (sel.bounds, sel.bounds_method) == ("s0", "mean_std")
+    assert sel.to_dict()["bounds"] == "s0" and sel.to_dict()["min_count"] == 5

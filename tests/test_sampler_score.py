@@ -141,8 +141,7 @@ def test_select_cli_writes_candidates_and_summary(scored, models, tmp_path, caps
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines, "MAD selected nothing"
-    ranks = [c["best_rank"] for c in lines]
-    assert ranks == sorted(ranks)
+    assert [c["rank"] for c in lines] == list(range(1, len(lines) + 1))  # the raters' order
     for c in lines:
         assert Path(c["path"]).is_file() and len(c["id"]) == 32
         assert [s["rank"] for s in c["selections"]] == sorted(s["rank"] for s in c["selections"])
@@ -158,6 +157,19 @@ def test_select_cli_writes_candidates_and_summary(scored, models, tmp_path, caps
     bounds = np.array([summary["bounds"][k] for k in summary["bounds"]])
     api = cand.select_candidates(store, target.version, [comp.version], bounds, n3=2)
     assert [c.to_dict() for c in api] == lines
+    rule = summary["bounds_rule"]
+    assert rule["rule"] == "auto" and rule["min_count"] == 2 and sum(rule["counts"].values()) == 20
+    assert summary["m_size"] == len(lines) and summary["rating_budget"] == 0
+    # the paper's order (best rank first) and a rating budget, one option away
+    o = tmp_path / "rank.jsonl"
+    assert madseg_main(["select", "--store", str(store), "--target-version", target.version,
+                        "--competitor-version", comp.version, "--n3", "2", "--bounds-from",
+                        str(shared_dir() / "data" / "voc_samples"), "--min-occurrences", "2",
+                        "--order", "rank", "--budget", "3", "--out", str(o)]) == 0
+    ranked = [json.loads(x) for x in o.read_text().splitlines()]
+    assert len(ranked) == 3 and {c["id"] for c in ranked} <= {c["id"] for c in lines}
+    assert [c["best_rank"] for c in ranked] == sorted(c["best_rank"] for c in ranked)
+    assert json.loads((tmp_path / "rank.summary.json").read_text())["m_size"] == len(lines)
     for method in ("entropy", "random"):
         o = tmp_path / f"{method}.jsonl"
         assert madseg_main(["select", "--store", str(store), "--method", method, "--n", "3",
