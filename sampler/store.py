@@ -59,6 +59,7 @@ import io
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -165,7 +166,31 @@ class FileRow:
     seen_run: str | None
 
 
+def _create_with_schema(path: Path) -> None:
+    """Create the database file ``path`` with its schema, atomically: the schema is written to a
+    hidden temporary file that is then linked into place. Readers list shards while other ranks
+    create theirs; they must never open a shard that exists but has no tables yet ("no such table")."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    conn = sqlite3.connect(str(tmp), isolation_level=None)
+    try:
+        conn.executescript(_SCHEMA)
+    finally:
+        conn.close()
+    try:
+        os.link(tmp, path)  # never replaces a shard that appeared meanwhile
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: this rank is the shard's only writer
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _connect(path: Path, *, wal: bool, readonly: bool) -> sqlite3.Connection:
+    if not readonly and not path.exists():
+        _create_with_schema(path)
     conn = sqlite3.connect(str(path), timeout=120.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=120000")
     if readonly:

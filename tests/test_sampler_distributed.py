@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,6 @@ import pytest
 from ml_backend.shared import shared_dir
 from sampler import candidates as cand
 from sampler import store as S
-
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,14 +33,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+
+
+def _json_of(out: str) -> dict:
     return json.loads(out[out.index("{"):])
 
 
+def _run(cmd: list[str]) -> dict:
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _json_of(res.stdout)
+
+
+def _rank_logs(log_dir: Path) -> dict[str, str]:
+    """``attempt_N/<rank>/std{out,err}.log`` -> text, for every rank torchrun started."""
+    return {str(p.relative_to(log_dir)): p.read_text(errors="replace")
+            for p in sorted(log_dir.rglob("std*.log"))}
+
+
+def _run_torchrun(nproc: int, args: list[str], log_dir: Path) -> dict:
+    """torchrun with every rank's stdout and stderr in its own file under ``log_dir``; a failure
+    shows all of them (a rank that dies first is the cause, the others only see a closed peer)."""
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+           "--log-dir", str(log_dir), "--redirects", "3", str(BIN / "madseg"), *args]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    logs = _rank_logs(log_dir)
+    if res.returncode != 0:
+        parts = [f"torchrun exit {res.returncode}; its stderr:\n{res.stderr[-2000:]}"]
+        parts += [f"--- {name}:\n{text[-3000:]}" for name, text in logs.items()]
+        pytest.fail("\n".join(parts))
+    assert sum(name.endswith("stderr.log") for name in logs) == nproc, list(logs)
+    rank0 = [text for name, text in logs.items() if name.endswith("/0/stdout.log")]
+    assert len(rank0) == 1, list(logs)
+    return _json_of(rank0[0])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_torchrun_equals_single_process(tmp_path):
     imgs = sorted((shared_dir() / "data" / "coco_voc" / "images").glob("*.jpg"))[20:29]
     dup = tmp_path / "dup.jpg"
@@ -49,8 +80,8 @@ def test_two_process_torchrun_equals_single_process(tmp_path):
     pool.write_text("\n".join(map(str, [*imgs, dup])) + "\n")
 
     single = _run([str(BIN / "madseg"), "score", str(pool), "--store", str(tmp_path / "single"), *ARGS])
-    multi = _run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                  str(BIN / "madseg"), "score", str(pool), "--store", str(tmp_path / "multi"), *ARGS])
+    multi = _run_torchrun(2, ["score", str(pool), "--store", str(tmp_path / "multi"), *ARGS],
+                          tmp_path / "torchrun-logs")
 
     for stats in (single, multi):
         assert stats["images"] == 9 and stats["duplicates"] == 1 and stats["paths"] == 10
@@ -72,3 +103,52 @@ def test_two_process_torchrun_equals_single_process(tmp_path):
     sel_single = cand.select_candidates(tmp_path / "single", bounds=bounds, n3=3)
     sel_multi = cand.select_candidates(tmp_path / "multi", bounds=bounds, n3=3)
     assert sel_single and sel_single == sel_multi
+
+
+def test_a_shard_being_created_is_never_seen_half_made(tmp_path, monkeypatch):
+    """The cause of a rare failure of the torchrun test: rank 0 read all shards (``lookup_file``)
+    while rank 1 was still creating its own, found the file without tables, died with "no such
+    table: files", and rank 1 then saw "Connection closed by peer". Here rank 1's creation is held
+    inside ``sqlite3.connect`` while this thread reads: the reader must not fail."""
+    real_connect = sqlite3.connect
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_connect(path, *args, **kwargs):
+        conn = real_connect(path, *args, **kwargs)
+        if "shard-00001" in str(path) and not inside.is_set():
+            inside.set()
+            release.wait(30)
+        return conn
+
+    root = tmp_path / "store"
+    reader = S.ScoreStore(root, writer_rank=0)
+    with reader.transaction() as conn:
+        S.ScoreStore.put_files(conn, [("/pool/a.jpg", 1, 1, "a" * 32, None, "run", 1.0)])
+    monkeypatch.setattr(S.sqlite3, "connect", slow_connect)
+    other = S.ScoreStore(root, writer_rank=1)
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            other.writer  # noqa: B018  (creates shard-00001)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    th = threading.Thread(target=create)
+    th.start()
+    try:
+        assert inside.wait(30)
+        reader.close()  # forget cached connections: list the shards afresh, as a new phase does
+        assert reader.lookup_file("/pool/a.jpg").image_id == "a" * 32
+        assert reader.lookup_file("/pool/missing.jpg") is None
+    finally:
+        release.set()
+        th.join(30)
+    assert not errors
+    # positive control: once created, the new shard is read like any other
+    with other.transaction() as conn:
+        S.ScoreStore.put_files(conn, [("/pool/b.jpg", 2, 2, "b" * 32, None, "run", 2.0)])
+    reader.close()
+    assert reader.lookup_file("/pool/b.jpg").image_id == "b" * 32
+    other.close()
+    reader.close()
