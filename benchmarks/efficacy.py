@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = (shared / "data") if shared else Path("data")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 conflict_handler="resolve")  # a part may re-declare a shared option
     ap.add_argument("--pool", type=Path, default=data / "coco_voc" / "images", help="folder of pool images")
     ap.add_argument("--gt", type=Path, default=None,
                     help="folder of the pool's ground-truth masks (<stem>.png; default: <pool>/../masks)")
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sub-pool size as a share of the pool when --subpool-size is not given (0.75)")
     sel.add_argument("--bounds", choices=("auto", "s0", "pool", "none"), default=None,
                      help="size-bound rule (default: the config's [selection] bounds)")
+    sel.add_argument("--order", choices=("failures", "rank"), default=None,
+                     help="order of M for the raters (default: the config's [selection] order)")
     sel.add_argument("--n", type=int, nargs="+", default=[10, 20, 40], help="images kept (10 20 40)")
     ft = _finetune_module()
     if ft is not None:
@@ -94,13 +97,14 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
         targets,
     )
 
-    gt = args.gt or args.pool.parent / "masks"
+    pool = Path(args.pool)
+    gt = Path(args.gt) if args.gt else pool.parent / "masks"
     t0 = time.perf_counter()
     print(f"scoring {args.pool} once (cached) ...", flush=True)
     data = prepare_pool(args.pool, gt, exp.target.spec(), [c.spec() for c in exp.competitors], args.cache,
                         device=args.device)
     t_prep = time.perf_counter() - t0
-    s0 = s0_area_fractions(args.s0, len(data.class_names)) if args.s0 else None
+    s0 = s0_area_fractions(Path(args.s0), len(data.class_names)) if args.s0 else None
     n_pool = len(data.ids)
     size = args.subpool_size or int(round(args.subpool_fraction * n_pool))
     if not 1 <= size <= n_pool:
@@ -110,13 +114,15 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     o = exp.oracle
     st = SelectionSettings(n3=exp.selection.n3, bounds=args.bounds or exp.selection.bounds,
                            bounds_method=exp.selection.bounds_method, min_count=exp.selection.min_count,
-                           ns=tuple(args.n), subpools=args.subpools, subpool_size=size,
+                           order=args.order or exp.selection.order, ns=tuple(args.n),
+                           subpools=args.subpools, subpool_size=size,
                            raters=exp.label_studio.raters_per_task, noise=o.noise,
                            thresholds=tuple(o.thresholds))
     agg = run_selection(data, s0, st)
     tg = targets(agg, [n for n in (10, 20) if n in args.n])
     title = (f"{args.pool} ({n_pool} images; target {exp.target.key}; competitors "
-             f"{', '.join(c.key for c in exp.competitors)}; n3 = {st.n3}; bounds {st.bounds})")
+             f"{', '.join(c.key for c in exp.competitors)}; n3 = {st.n3}; bounds {st.bounds}; "
+             f"S(0) {args.s0}; order {st.order})")
     print()
     print(format_tables(agg, st.ns, title))
     print(format_targets(tg))

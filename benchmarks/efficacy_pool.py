@@ -55,8 +55,8 @@ class PoolData:
     target_version: str
     competitor_versions: list[str]
     store: Path
-    scoring_seconds: float
-    gt_seconds: float
+    scoring_seconds: float  # wall seconds of the run that scored the pool (the first run)
+    gt_seconds: float  # wall seconds of the run that computed the GT mIoU
 
 
 def _pool_key(pool: Path) -> str:
@@ -100,6 +100,11 @@ def prepare_pool(
     stats = score_pool([str(pool)], dict(target), [dict(c) for c in competitors], store, device=device,
                        progress=progress, workers=0)
     scoring_s = time.perf_counter() - t0
+    timing_file = cache / "timing.json"
+    timing: dict[str, Any] = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    if sum(stats.inferred.values()) or "scoring_s" not in timing:  # models ran: this is the first run
+        timing["scoring_s"] = round(scoring_s, 2)
+        timing["images_scored"] = {k: int(v) for k, v in stats.inferred.items()}
     inp = load_selection_inputs(store, stats.target_version, stats.competitor_versions)
     paths = image_paths(store, [str(i) for i in inp.ids])
     stems = [Path(p).stem if p else "" for p in paths]
@@ -125,6 +130,9 @@ def prepare_pool(
                 if progress:
                     print(f"  GT mIoU {n}/{len(todo)}", flush=True)
     gt_s = time.perf_counter() - t1
+    if todo or "gt_miou_s" not in timing:
+        timing["gt_miou_s"] = round(gt_s, 2)
+    atomic_write_json(timing_file, timing)
     rows = [known[str(i)] for i in inp.ids.tolist()]
     classes = np.zeros((len(rows), c), dtype=bool)
     for r, rec in enumerate(rows):
@@ -135,6 +143,6 @@ def prepare_pool(
         gt_miou=np.array([rec["miou"] for rec in rows], dtype=np.float64), gt_classes=classes,
         ood=np.array([rec["ood"] for rec in rows], dtype=bool), class_names=list(inp.class_names),
         competitor_names=list(inp.competitor_names), target_version=inp.target_version,
-        competitor_versions=list(inp.competitor_versions), store=store, scoring_seconds=scoring_s,
-        gt_seconds=gt_s,
+        competitor_versions=list(inp.competitor_versions), store=store,
+        scoring_seconds=float(timing["scoring_s"]), gt_seconds=float(timing["gt_miou_s"]),
     )

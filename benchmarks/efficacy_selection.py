@@ -51,6 +51,7 @@ class SelectionSettings:
     raters: int = 3
     noise: float = 0.1
     thresholds: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    order: str = "failures"
     tie: str = "order"
 
 
@@ -91,7 +92,7 @@ OrderFn = Callable[..., np.ndarray]
 
 def subpool_selections(
     sub: np.ndarray, data: Any, s0_fractions: np.ndarray | None, mos: np.ndarray, seed: int,
-    st: SelectionSettings, order_fn: OrderFn = rating_order,
+    st: SelectionSettings, order_fn: OrderFn | None = None,
 ) -> tuple[dict[str, dict[int, tuple[float, float, int]]], dict[str, Any]]:
     """Every selection's stats on one sub-pool ``sub`` (indices into the pool) -> (stats, info)."""
     ta, ca, d = data.target_areas[sub], data.competitor_areas[:, sub], data.distances[:, sub]
@@ -100,7 +101,7 @@ def subpool_selections(
     bounds, report = class_bounds(s0_fractions, ta, ca, st.bounds, st.bounds_method, st.min_count,
                                   data.class_names)
     records = mad_select(ta, ca, d, bounds, st.n3)
-    m_order = order_fn(records, ta, ca, d)
+    m_order = order_fn(records, ta, ca, d) if order_fn else rating_order(records, ta, ca, d, st.order)
     p = sub.size
     mad_tie = failure_evidence(d) if st.tie == "evidence" else None
     ent_order = entropy_select(ent, p)
@@ -124,7 +125,7 @@ def subpool_selections(
 
 
 def run_selection(data: Any, s0_fractions: np.ndarray | None, st: SelectionSettings,
-                  order_fn: OrderFn = rating_order, subpool_seeds: Sequence[int] | None = None,
+                  order_fn: OrderFn | None = None, subpool_seeds: Sequence[int] | None = None,
                   universe: np.ndarray | None = None) -> dict[str, Any]:
     """All sub-pools -> the aggregated result dict (see :func:`aggregate`).
 

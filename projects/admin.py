@@ -18,7 +18,6 @@ Every function takes a :class:`ml_backend.labelstudio.client.LabelStudioClient`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -380,27 +379,10 @@ def push_tasks(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_candidates(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Lines of a ``candidates.jsonl`` (objects with at least ``id`` and ``path``)."""
-    path = Path(path)
-    out: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise MadsegError(f"{path}: cannot read candidates ({exc.strerror or exc})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MadsegError(f"{path}:{n}: not JSON ({exc.msg}); fix or regenerate the file") from None
-        out.append(obj)
-    return check_candidates(out, str(path))
-
-
 def check_candidates(cands: Sequence[Mapping[str, Any]], source: str = "candidates") -> list[dict[str, Any]]:
-    """Each candidate as a dict with a non-empty ``id`` and ``path``; clear error otherwise."""
+    """Each candidate as a dict with a non-empty ``id`` and ``path``; clear error otherwise (the
+    candidates of a file are read by ``sampler.candidates.read_candidates``; these are what the
+    push functions are given, e.g. ``Candidate.to_dict()``)."""
     out = []
     for n, c in enumerate(cands, 1):
         if not isinstance(c, Mapping) or not c.get("id") or not c.get("path"):

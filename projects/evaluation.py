@@ -638,6 +638,13 @@ def evaluate_experiment(
                 so = st.outputs("select")
                 row["|M|"] = so.get("n_candidates")
                 row["pool"] = so.get("pool_size")
+                rule = so.get("bounds_rule")
+                if rule:  # where each class's size bounds came from (sampler.bounds.class_bounds)
+                    row["size bounds (S(0)/pool/none)"] = (
+                        f"{rule['counts'].get('s0', 0) + rule['counts'].get('s0_pooled', 0)}/"
+                        f"{rule['counts'].get('pool', 0)}/{rule['counts'].get('none', 0)}")
+                if so.get("rating_budget"):
+                    row["rated of M"] = f"{so.get('n_candidates')} of {so.get('m_size')}"
                 if label == "round":
                     cands = read_candidates(round_dir(root, i) / "candidates.jsonl")
                     for c in cands:
@@ -681,7 +688,9 @@ def evaluate_experiment(
             "target": exp.target.key, "competitors": ", ".join(c.key for c in exp.competitors),
             "rounds": rounds, "n3": exp.selection.n3, "n4": exp.selection.n4,
             "|T| requested": exp.selection.test_size, "max per class in T": exp.selection.max_per_class,
-            "size bounds": exp.selection.bounds, "distance": exp.selection.metric,
+            "size bounds": f"{exp.selection.bounds} ({exp.selection.bounds_method}, min_count "
+                           f"{exp.selection.min_count})", "rating order": exp.selection.order,
+            "rating budget": exp.selection.rating_budget or "all of M", "distance": exp.selection.metric,
             "fine-tune preset": exp.finetune.preset, "epochs": exp.finetune.epochs,
             "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lr_grid),
             "S(0) replay": exp.finetune.replay,

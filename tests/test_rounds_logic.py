@@ -38,6 +38,13 @@ def test_lowest_mos_skips_out_of_domain_and_excluded() -> None:
     assert lowest_mos(mos, 0) == []
 
 
+def test_lowest_mos_ties_follow_the_raters_order() -> None:
+    mos = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 2.0, "z": 1.0}
+    # M's order (the order raters saw) breaks the ties; ids not in it come after, by id
+    assert lowest_mos(mos, 3, order=["c", "d", "a"]) == ["c", "a", "b"]
+    assert lowest_mos(mos, 5, order=["z"]) == ["z", "a", "b", "c", "d"]
+
+
 def test_top_by_score() -> None:
     assert top_by_score({"x": 0.5, "y": 0.9, "z": 0.9, "w": 0.1}, 3, exclude=["w"]) == ["y", "z", "x"]
 

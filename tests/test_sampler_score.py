@@ -316,6 +316,18 @@ n4 = 2
     round_file = plan.dir / "candidates.jsonl"
     assert info["n_candidates"] > 0
     assert round_file.read_bytes() == cli_out.read_bytes()
+    # the round's state keeps where the bounds came from (voc_samples: < 5 masks of most classes)
+    rule = info["bounds_rule"]
+    assert rule["rule"] == "auto" and sum(rule["counts"].values()) == 20 and rule["counts"]["pool"] > 0
+    assert info["m_size"] == info["n_candidates"] and info["order"] == "failures"
+    json.dumps(info)
+    # a rating budget keeps M's first R, in the same order
+    cfg.write_text(cfg.read_text().replace("n4 = 2", "n4 = 2\nrating_budget = 2"))
+    budget = Services(load_experiment(cfg), RunOptions(progress=False), store, tmp_path / "backend")
+    plan_b = RoundPlan(**{**plan.__dict__, "root": tmp_path / "budget"})
+    info_b = budget.select_mad(plan_b, scored_out)
+    assert (info_b["n_candidates"], info_b["m_size"], info_b["rating_budget"]) == (2, info["m_size"], 2)
+    assert (plan_b.dir / "candidates.jsonl").read_text().splitlines() == cli_out.read_text().splitlines()[:2]
     # the round leaves out the images it is told to (e.g. S(1..i-1)), and selects again without them
     first = cand.read_candidates(round_file)[0].id
     used = RoundPlan(**{**plan.__dict__, "used": frozenset({first}), "number": 2})
