@@ -211,7 +211,15 @@ def test_round_end_to_end_with_crashes(ls_server, tmp_path: Path) -> None:
         assert results["baseline"]["rows"] and results["srcc"] and results["failures"]["counts"]
         assert results["galleries"]["candidates"] and results["stages"]
         html = (exp_dir / "report" / "report.html").read_text()
-        for section in ("table1", "failures", "baseline", "srcc", "galleries", "stages"):
+        # the gate's verdict in Table 1, and "did the round help?" for the served model
+        assert rows["f(1)"]["gate"]["status"] == gate["status"] and rows["f(0)"]["gate"]["status"] == "start"
+        assert isinstance(rows["f(1)"]["gt_miou"]["T(0)"], float)
+        served = "f(1)" if ft["outputs"]["promoted"] else "f(0)"
+        assert results["help"]["served"] == served
+        help_rows = {r["model"]: r for r in results["help"]["rows"]}
+        assert help_rows[served]["served"] and help_rows["f(1)"]["images"] >= 1
+        assert results["help"]["effort"]["simulated"] and results["help"]["effort"]["total"]["masks"] >= 2
+        for section in ("table1", "help", "failures", "baseline", "srcc", "galleries", "stages"):
             assert f'id="{section}"' in html, section
 
         # the backend never queued a fine-tune for the oracle's annotations
