@@ -14,11 +14,14 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-nodeps.txt ./
 COPY ml_backend ./ml_backend
 COPY sampler ./sampler
 COPY projects ./projects
-RUN pip install . && useradd --create-home --uid 1000 madseg && mkdir -p /models && chown madseg /models
+# label-studio-ml without its old Flask/Werkzeug pins (see requirements-nodeps.txt)
+RUN pip install . && pip install --no-deps -r requirements-nodeps.txt \
+    && python -c "from label_studio_ml.model import LabelStudioMLBase" \
+    && useradd --create-home --uid 1000 madseg && mkdir -p /models && chown madseg /models
 
 USER madseg
 EXPOSE 9090
