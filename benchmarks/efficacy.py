@@ -26,8 +26,10 @@ counts, and the issue's targets checked. ``--part finetune`` runs ``benchmarks.e
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache folder (default $MADSEG_CACHE/efficacy or ~/.cache/madseg/efficacy)")
     ap.add_argument("--device", default=None, help="torch device for the one-time scoring")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="score nothing: use the pool images an earlier (interrupted) run already scored")
     sel = ap.add_argument_group("selection")
     sel.add_argument("--subpools", type=int, default=30, help="random sub-pools (default 30)")
     sel.add_argument("--subpool-size", type=int, default=None, help="images per sub-pool")
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size-bound rule (default: the config's [selection] bounds)")
     sel.add_argument("--order", choices=("failures", "rank"), default=None,
                      help="order of M for the raters (default: the config's [selection] order)")
+    sel.add_argument("--variants", action="store_true",
+                     help="also run the paper's order (rank), the paper's bounds rule (s0) with its order, "
+                          "and bounds from the pool's predictions only, on the same sub-pools")
     sel.add_argument("--n", type=int, nargs="+", default=[10, 20, 40], help="images kept (10 20 40)")
     ft = _finetune_module()
     if ft is not None:
@@ -100,9 +107,9 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     pool = Path(args.pool)
     gt = Path(args.gt) if args.gt else pool.parent / "masks"
     t0 = time.perf_counter()
-    print(f"scoring {args.pool} once (cached) ...", flush=True)
-    data = prepare_pool(args.pool, gt, exp.target.spec(), [c.spec() for c in exp.competitors], args.cache,
-                        device=args.device)
+    print(f"scoring {pool} once (cached) ...", flush=True)
+    data = prepare_pool(pool, gt, exp.target.spec(), [c.spec() for c in exp.competitors], args.cache,
+                        device=args.device, cached_only=args.cached_only)
     t_prep = time.perf_counter() - t0
     s0 = s0_area_fractions(Path(args.s0), len(data.class_names)) if args.s0 else None
     n_pool = len(data.ids)
@@ -126,17 +133,34 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     print()
     print(format_tables(agg, st.ns, title))
     print(format_targets(tg))
+    variants: dict[str, Any] = {}
+    if args.variants:
+        from dataclasses import replace
+
+        for name, change in (("order rank (the paper's order)", {"order": "rank"}),
+                             ("bounds s0 + order rank (the paper's rule and order)",
+                              {"bounds": "s0", "order": "rank"}),
+                             ("bounds pool (the pool's predictions only)", {"bounds": "pool"})):
+            vst = replace(st, **change)
+            if vst == st:
+                continue
+            vagg = run_selection(data, s0, vst)
+            print(format_tables(vagg, vst.ns, f"variant: {name}"))
+            print(format_targets(targets(vagg, [n for n in (10, 20) if n in args.n])))
+            variants[name] = {"settings": dict(change), "results": vagg,
+                              "targets": targets(vagg, [n for n in (10, 20) if n in args.n])}
     print(f"wall time: scoring + GT mIoU {t_prep:.1f} s (first run: scoring {data.scoring_seconds:.1f} s, "
           f"GT mIoU {data.gt_seconds:.1f} s); ratings {agg['seconds']['ratings']:.2f} s; "
           f"{st.subpools} sub-pools {agg['seconds']['selections']:.2f} s", flush=True)
+    scoring_s = round(data.scoring_seconds, 2) if data.scoring_seconds == data.scoring_seconds else None
     return {"pool": str(args.pool), "gt": str(gt), "s0": str(args.s0) if args.s0 else None,
             "pool_size": n_pool, "target": exp.target.key, "competitors": [c.key for c in exp.competitors],
             "target_version": data.target_version, "competitor_versions": data.competitor_versions,
             "settings": {**st.__dict__, "ns": list(st.ns), "thresholds": list(st.thresholds)},
             "pool_gt_miou_mean": round(float(data.gt_miou.mean()), 4),
             "pool_share_below_0.5": round(float((data.gt_miou < 0.5).mean()), 4),
-            "pool_ood": int(data.ood.sum()), "results": agg, "targets": tg,
-            "wall_seconds": {"prepare": round(t_prep, 2), "scoring_first_run": round(data.scoring_seconds, 2),
+            "pool_ood": int(data.ood.sum()), "results": agg, "targets": tg, "variants": variants,
+            "wall_seconds": {"prepare": round(t_prep, 2), "scoring_first_run": scoring_s,
                              "gt_miou_first_run": round(data.gt_seconds, 2), **agg["seconds"]}}
 
 
@@ -146,20 +170,37 @@ def main(argv: list[str] | None = None) -> int:
 
     exp = load_experiment(args.config)
     out: dict[str, Any] = {}
+    if args.json and Path(args.json).is_file():  # one file collects the runs of several pools
+        out = json.loads(Path(args.json).read_text(encoding="utf-8"))
     if args.part in ("selection", "all"):
-        out["selection"] = run_selection_part(args, exp)
+        out.setdefault("selection", {})[pool_key(Path(args.pool))] = run_selection_part(args, exp)
     if args.part in ("finetune", "all"):
         ft = _finetune_module()
         if ft is None:
             raise MadsegError(f"--part {args.part}: {FINETUNE_MODULE} is not available in this checkout")
-        out["finetune"] = ft.run(args)
+        ft_args = copy.copy(args)  # the fine-tune part keeps its own (incremental) JSON file
+        ft_args.json = (Path(args.json).with_name(Path(args.json).stem + "_finetune.json") if args.json
+                        else ROOT / "benchmarks" / "results" / "efficacy_finetune.json")
+        out["finetune"] = ft.run(ft_args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         from ml_backend.atomic import atomic_write_json
 
         atomic_write_json(args.json, out)
         print(f"written to {args.json}")
     return 0
+
+
+def pool_key(pool: Path) -> str:
+    """The pool's name in the JSON: its folder relative to the shared data (``coco_voc``,
+    ``voc2012/val``), without a trailing ``images``."""
+    from ml_backend.shared import shared_dir
+
+    folder = pool.parent if pool.name == "images" else pool
+    shared = shared_dir(required=False)
+    try:
+        return str(folder.resolve().relative_to((shared / "data").resolve())) if shared else str(folder)
+    except ValueError:
+        return str(folder)
 
 
 if __name__ == "__main__":

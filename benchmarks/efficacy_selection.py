@@ -111,7 +111,7 @@ def subpool_selections(
     def put(name: str, n: int, picks: np.ndarray) -> None:
         out.setdefault(name, {})[n] = pick_stats(picks, q, gc)
 
-    budgets = {"|M|": m_order.size, "pool/2": p // 2, "pool/4": p // 4}
+    budgets = {"size(M)": m_order.size, "pool/2": p // 2, "pool/4": p // 4}
     for n in st.ns:
         put("MAD + rating", n, keep_lowest(m_order, mo, n, mad_tie))
         put("MAD alone", n, m_order[:n])
@@ -121,7 +121,12 @@ def subpool_selections(
             put(f"MAD first R, R={bname}", n, keep_lowest(m_order[:r], mo, n, mad_tie))
             put(f"entropy top R, R={bname}", n, keep_lowest(ent_order[:r], mo, n))
             put(f"random R, R={bname}", n, keep_lowest(rnd_order[:r], mo, n))
-    return out, {"M": int(m_order.size), "budgets": budgets, "bounds": report["counts"]}
+    rated = {"MAD + rating": m_order.size}
+    for bname, r in budgets.items():
+        rated[f"MAD first R, R={bname}"] = min(r, m_order.size)
+        rated[f"entropy top R, R={bname}"] = min(r, p)
+        rated[f"random R, R={bname}"] = min(r, p)
+    return out, {"M": int(m_order.size), "budgets": budgets, "bounds": report["counts"], "rated": rated}
 
 
 def run_selection(data: Any, s0_fractions: np.ndarray | None, st: SelectionSettings,
@@ -147,6 +152,7 @@ def run_selection(data: Any, s0_fractions: np.ndarray | None, st: SelectionSetti
     agg = aggregate(per, st.ns)
     agg["M_size"] = _spread([i["M"] for i in infos])
     agg["budgets"] = {k: _spread([i["budgets"][k] for i in infos]) for k in infos[0]["budgets"]}
+    agg["rated"] = {k: _spread([i["rated"][k] for i in infos]) for k in infos[0]["rated"]}
     agg["bounds_sources"] = {k: _spread([i["bounds"][k] for i in infos]) for k in infos[0]["bounds"]}
     agg["subpools"] = len(seeds)
     agg["subpool_size"] = size
@@ -212,9 +218,10 @@ def format_tables(agg: Mapping[str, Any], ns: Sequence[int], title: str) -> str:
              f"(min {agg['M_size']['min']:.0f}, max {agg['M_size']['max']:.0f}); bounds sources per class "
              f"(mean): " + ", ".join(f"{k} {v['mean']:.1f}" for k, v in agg["bounds_sources"].items()),
              "", "Cells: mean per-image GT mIoU of the picks (± std over sub-pools) / share < 0.5 / "
-             "GT classes covered (± std); wins = sub-pools beating plain entropy on mIoU, classes, both.",
-             "", "| selection | " + " | ".join(f"n = {n}" for n in ns) + " |",
-             "|---|" + "---|" * len(ns)]
+             "GT classes covered (± std); wins = sub-pools beating plain entropy on mIoU, classes, both; "
+             "rated = images the raters scored (mean).",
+             "", "| selection | rated | " + " | ".join(f"n = {n}" for n in ns) + " |",
+             "|---|---|" + "---|" * len(ns)]
     for name, rows in sel.items():
         cells = []
         for n in ns:
@@ -224,7 +231,9 @@ def format_tables(agg: Mapping[str, Any], ns: Sequence[int], title: str) -> str:
                          f"{r['share_below_0.5']['mean']:.2f} / {r['classes']['mean']:.1f} ± "
                          f"{r['classes']['std']:.1f}" + ("" if name == "entropy" else
                                                          f" (wins {w['miou']}/{w['classes']}/{w['both']})"))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rated = agg.get("rated", {}).get(name)
+        lines.append(f"| {name} | {rated['mean']:.1f} | " if rated else f"| {name} | 0 | ")
+        lines[-1] += " | ".join(cells) + " |"
     return "\n".join(lines) + "\n"
 
 
