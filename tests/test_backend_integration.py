@@ -75,6 +75,8 @@ def _backend_env(ls_server: Any, model_dir: Path, port: int, **extra: str) -> di
         "MADSEG_BACKEND_PORT": str(port),
         "MADSEG_BACKEND_THREADS": "4",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls_server.document_root),
+        # the test root may be /: the backend reads local task images only from the folders named here
+        "MADSEG_LOCAL_FILES_DIRS": str(shared_dir() / "data" / "voc_samples" / "images"),
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)
@@ -270,19 +272,19 @@ def test_rq_mode_webhook_queues_one_job_and_backend_serves_the_new_version(
 def test_in_process_mode_burst_of_annotations_is_one_fine_tune(
     ls_server: Any, start_backend: Any, samples: list[tuple[str, Path, Path]]
 ) -> None:
-    backend = start_backend(None, MADSEG_JOB_DELAY="3")
+    backend = start_backend(AUTH, MADSEG_JOB_DELAY="3")  # an authenticated /setup makes the project known
     client, pid = _segmentation_project(ls_server, samples, f"backend in-process {uuid.uuid4().hex[:8]}")
-    connect_ml_backend(client, pid, backend.url)
+    connect_ml_backend(client, pid, backend.url, basic_auth=AUTH)
     base = _predict(backend, client, pid)["model_version"]
 
     _annotate_all(client, pid, samples)
-    state = requests.get(f"{backend.url}/is_training", timeout=10).json()
+    state = requests.get(f"{backend.url}/is_training", auth=AUTH, timeout=10).json()
     assert state["mode"] == "in-process"
     assert len(state["pending"]) + len(state["running"]) == 1 and not state["finished"]
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        state = requests.get(f"{backend.url}/is_training", timeout=10).json()
+        state = requests.get(f"{backend.url}/is_training", auth=AUTH, timeout=10).json()
         if state["finished"] and not state["pending"] and not state["running"]:
             break
         time.sleep(0.5)

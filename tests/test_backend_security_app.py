@@ -339,3 +339,48 @@ def test_versions_show_names_and_metadata_not_paths(tree, monkeypatch) -> None:
     assert r.status_code == 200 and "espnetv2-ft-abc" in r.get_json()["versions"]
     text = r.get_data(as_text=True)
     assert str(tree["models"]) not in text and str(tree["root"].parent) not in text and "w.pth" not in text
+
+
+def test_token_refresh_never_follows_a_redirect(servers) -> None:
+    """A personal access token is exchanged at Label Studio's /api/token/refresh; a 307 from there
+    to another origin must not re-send it."""
+    import base64 as b64
+
+    from ml_backend.errors import MadsegError
+    from ml_backend.labelstudio.task_images import LabelStudioAuth
+
+    def jwt(claims: dict) -> str:
+        enc = b64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return f"e30.{enc}.sig"
+
+    pat = jwt({"token_type": "refresh", "exp": 4102444800})
+    access = jwt({"token_type": "access", "exp": 4102444800})
+    other = servers({"/steal": lambda r: (200, {"Content-Type": "application/json"}, b'{"access": "x"}')})
+    bad_ls = servers({"/api/token/refresh": lambda r: (307, {"Location": f"{other.url}/steal"}, b"")})
+    with pytest.raises(MadsegError, match="HTTP 307"):
+        LabelStudioAuth(bad_ls.url, pat).headers()
+    assert other.requests == []
+    # positive control: a Label Studio that answers gets the token exchanged
+    good_ls = servers({"/api/token/refresh": lambda r: (
+        200, {"Content-Type": "application/json"}, json.dumps({"access": access}).encode())})
+    assert LabelStudioAuth(good_ls.url, pat).headers() == {"Authorization": f"Bearer {access}"}
+
+
+@pytest.mark.redis
+def test_global_cap_on_queued_jobs_in_redis_mode(tmp_path) -> None:
+    import uuid
+
+    from ml_backend.jobs import QueueFull, RedisFinetuneQueue, purge_queue, redis_connection
+
+    conn = redis_connection("redis://127.0.0.1:6379/0")
+    name = f"madseg-test-cap-{uuid.uuid4().hex[:8]}"
+    q = RedisFinetuneQueue(conn, {"queue_name": name, "model_dir": str(tmp_path)}, max_queued=2)
+    try:
+        a, b = q.submit(1), q.submit(2)
+        assert not a.coalesced and not b.coalesced
+        with pytest.raises(QueueFull, match="MADSEG_MAX_QUEUED_JOBS"):
+            q.submit(3)
+        assert q.submit(1).coalesced  # joining a queued job is always accepted
+        assert q.queue.count == 2
+    finally:
+        purge_queue(conn, name)

@@ -221,3 +221,52 @@ def test_slow_image_hosts_cannot_starve_the_backend(backend: Proc, hosts: dict[s
             assert painted == [False, True], painted  # slow task cut at its deadline, the rest answered
     assert elapsed < 15, elapsed  # deadline 4 s (+ inference), not 4000 bytes x 0.5 s
     assert "no prediction for task 1" in backend.log()
+
+
+def test_demo_experiment_serves_pool_images_never_the_oracles_ground_truth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``madseg backend`` with the demo's experiment (as ``madseg demo`` starts it): the document root
+    is the broad common parent of the experiment and pool folders, but only the pool folders are read;
+    the oracle's hidden masks, S(0)/T(0) masks and anything else under the root are refused."""
+    from projects.experiment import load_experiment
+
+    toml = Path(__file__).resolve().parents[1] / "projects" / "templates" / "demo.toml"
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(toml)
+    root = exp.document_root()
+    shared = shared_dir() / "data"
+    image = sorted((shared / "coco_voc" / "images").iterdir())[0]
+    mask = sorted((shared / "coco_voc" / "masks").iterdir())[0]
+    s0_mask = sorted((shared / "voc_samples" / "masks").iterdir())[0]
+
+    def d(p: Path) -> str:
+        return "/data/local-files/?d=" + os.path.relpath(p, root)
+
+    port = free_port()
+    env = _env(tmp_path, port, MADSEG_EXPERIMENT=str(toml), LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(root))
+    for key in ("MADSEG_MODEL", "MADSEG_CHECKPOINT"):
+        env.pop(key)
+    madseg = Path(sys.executable).with_name("madseg")
+    log = tmp_path / "demo-backend.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(madseg), "backend"], env=env, cwd=tmp_path, stdout=fh,
+                                stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.5)
+            r = _predict(url, [d(image), d(mask), d(s0_mask), "/data/local-files/?d=etc/passwd",
+                               "/data/local-files/?d=../../../../etc/hostname"])
+            assert r.status_code == 200, r.text
+            assert [bool(p["result"]) for p in r.json()["results"]] == [True, False, False, False, False]
+        finally:
+            proc.terminate()
+            proc.wait(30)
