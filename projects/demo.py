@@ -2,7 +2,7 @@
 
 1. The experiment is ``projects/templates/demo.toml`` (pool = coco_voc + unlabelled images;
    target ESPNetv2 s=2.0 @384; competitors DiCENet s=1.75 @384, the TFLite DeepLabV3 and ESPNetv2
-   s=1.0 @384; S(0) = VOC 2012 train, T(0) = a fixed 40-image subset of VOC 2012 val), with the
+   s=1.0 @384; S(0) = VOC 2012 train, T(0) = a fixed 21-image subset of VOC 2012 val), with the
    experiment dir, the Label Studio URL and the ML backend URL filled in (a copy is written to
    ``<dir>/experiment.toml``).
 2. A local Label Studio starts on 127.0.0.1:``--port`` with its SQLite data in ``<dir>/label-studio``,

@@ -152,8 +152,8 @@ def test_demo_template_loads_against_shared() -> None:
     assert [c.name for c in cfg.competitors] == ["dicenet", "tflite", "espnetv2"]
     assert len({m.key for m in cfg.models}) == 4
     assert cfg.s0.root == shared / "data" / "voc2012" / "train" and cfg.s0.subset is None
-    assert cfg.t0.root == shared / "data" / "voc2012" / "val" and len(cfg.t0.subset) == 40
-    assert len(cfg.s0.open()) == 330 and len(cfg.t0.open()) == 40
+    assert cfg.t0.root == shared / "data" / "voc2012" / "val" and len(cfg.t0.subset) == 21
+    assert len(cfg.s0.open()) == 330 and len(cfg.t0.open()) == 21
     assert cfg.oracle.gt == (shared / "data" / "coco_voc" / "masks",)
     assert cfg.selection.test_size == 30 and cfg.selection.max_per_class == 4
     assert cfg.label_studio.raters_per_task == 3
