@@ -446,3 +446,46 @@ def test_selfcheck_and_models_commands(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
     assert "espnetv2_s_2.0_pascal_384x384.pth" in listing and "torchvision:fcn_resnet101" in listing
+
+
+def test_models_listing_has_an_example_for_every_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    from projects.cli import main
+
+    entries = list_models()
+    names = [e["name"] for e in entries]
+    assert {"onnx", "hf", "class_map=<map>"} <= set(names)
+    assert all(e["example"].startswith("{ name = ") for e in entries), entries
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "onnx  [onnx, inference only]" in out and "hf  [transformers, trainable]" in out
+    assert out.count("    example: ") == len(entries)
+    assert "ade20k-voc, coco-panoptic-voc" in out
+
+
+def test_model_specs_toml_types_and_relative_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "models.toml"
+
+    def specs(text: str) -> list[ModelSpec]:
+        cfg.write_text(text)
+        return read_model_specs(cfg)
+
+    got = specs('[[models]]\nname = "onnx:sub/m.onnx"\nclass_map = "maps/mine.toml"\n\n'
+                '[[models]]\nname = "hf"\ncheckpoint = "segformer"\noptions = { class_map = "ade20k-voc" }\n')
+    assert got[0].name == f"onnx:{tmp_path / 'sub' / 'm.onnx'}"
+    assert got[0].options == {"class_map": str(tmp_path / "maps" / "mine.toml")}
+    assert got[1] == ModelSpec("hf", str(tmp_path / "segformer"), {"class_map": "ade20k-voc"})  # shipped
+    esp = '[[models]]\nname = "espnetv2"\n'
+    bad = {
+        esp + "checkpoint = 5\n": r"models\[0\]: checkpoint must be a file path string, got 5",
+        esp + 'options = "x"\n': r"models\[0\]: options must be a table",
+        esp + 'seed = "x"\n': r"models\[0\]: seed must be a non-negative integer, got 'x'",
+        '[[models]]\nname = "tflite"\nmean = 5\n': r"models\[0\]: mean must be a list of 3 numbers",
+        '[[models]]\nname = 7\n': r"models\[0\]: name must be a model name string, got 7",
+        'models = [1]\n': r"models\[0\]: must be a table with a name, got 1",
+    }
+    for text, match in bad.items():
+        with pytest.raises(ModelError, match=rf"model config .*models\.toml, {match}"):
+            specs(text)
+    # the same checks guard load_model itself (e.g. options from the command line)
+    with pytest.raises(ModelError, match=r"espnetv2: option num_classes must be an integer >= 2, got '21'"):
+        load_model("espnetv2", num_classes="21")
