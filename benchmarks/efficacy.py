@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and Path(args.json).is_file():  # one file collects the runs of several pools
         out = json.loads(Path(args.json).read_text(encoding="utf-8"))
     if args.part in ("selection", "all"):
-        out.setdefault("selection", {})[pool_key(Path(args.pool))] = run_selection_part(args, exp)
+        key = f"{pool_key(Path(args.pool))}, S(0) {pool_key(Path(args.s0)) if args.s0 else 'none'}"
+        out.setdefault("selection", {})[key] = run_selection_part(args, exp)
     if args.part in ("finetune", "all"):
         ft = _finetune_module()
         if ft is None:

@@ -34,7 +34,7 @@ import numpy as np
 from sampler.baselines import entropy_select, random_select
 from sampler.bounds import class_bounds
 from sampler.order import failure_evidence, rating_order
-from sampler.select import mad_select
+from sampler.select import mad_select, n3_for_size
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class SelectionSettings:
     noise: float = 0.1
     thresholds: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
     order: str = "failures"
+    fill_budget: bool = True
     tie: str = "order"
 
 
@@ -112,21 +113,33 @@ def subpool_selections(
         out.setdefault(name, {})[n] = pick_stats(picks, q, gc)
 
     budgets = {"size(M)": m_order.size, "pool/2": p // 2, "pool/4": p // 4}
+    first_r: dict[str, np.ndarray] = {}  # M's first R; a budget beyond |M| grows n3 (mad_candidates)
+    n3_used: dict[str, int] = {}
+    for bname, r in budgets.items():
+        k = n3_for_size(ta, ca, d, bounds, st.n3, r) if st.fill_budget and r > m_order.size else st.n3
+        n3_used[bname] = k
+        if k == st.n3:
+            first_r[bname] = m_order[:r]
+        else:
+            recs_k = mad_select(ta, ca, d, bounds, k)
+            first_r[bname] = (order_fn(recs_k, ta, ca, d) if order_fn
+                              else rating_order(recs_k, ta, ca, d, st.order))[:r]
     for n in st.ns:
         put("MAD + rating", n, keep_lowest(m_order, mo, n, mad_tie))
         put("MAD alone", n, m_order[:n])
         put("entropy", n, ent_order[:n])
         put("random", n, rnd_order[:n])
         for bname, r in budgets.items():
-            put(f"MAD first R, R={bname}", n, keep_lowest(m_order[:r], mo, n, mad_tie))
+            put(f"MAD first R, R={bname}", n, keep_lowest(first_r[bname], mo, n, mad_tie))
             put(f"entropy top R, R={bname}", n, keep_lowest(ent_order[:r], mo, n))
             put(f"random R, R={bname}", n, keep_lowest(rnd_order[:r], mo, n))
     rated = {"MAD + rating": m_order.size}
     for bname, r in budgets.items():
-        rated[f"MAD first R, R={bname}"] = min(r, m_order.size)
+        rated[f"MAD first R, R={bname}"] = int(first_r[bname].size)
         rated[f"entropy top R, R={bname}"] = min(r, p)
         rated[f"random R, R={bname}"] = min(r, p)
-    return out, {"M": int(m_order.size), "budgets": budgets, "bounds": report["counts"], "rated": rated}
+    return out, {"M": int(m_order.size), "budgets": budgets, "bounds": report["counts"], "rated": rated,
+                 "n3_used": n3_used}
 
 
 def run_selection(data: Any, s0_fractions: np.ndarray | None, st: SelectionSettings,
@@ -153,6 +166,7 @@ def run_selection(data: Any, s0_fractions: np.ndarray | None, st: SelectionSetti
     agg["M_size"] = _spread([i["M"] for i in infos])
     agg["budgets"] = {k: _spread([i["budgets"][k] for i in infos]) for k in infos[0]["budgets"]}
     agg["rated"] = {k: _spread([i["rated"][k] for i in infos]) for k in infos[0]["rated"]}
+    agg["n3_used"] = {k: _spread([i["n3_used"][k] for i in infos]) for k in infos[0]["n3_used"]}
     agg["bounds_sources"] = {k: _spread([i["bounds"][k] for i in infos]) for k in infos[0]["bounds"]}
     agg["subpools"] = len(seeds)
     agg["subpool_size"] = size

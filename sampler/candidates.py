@@ -58,7 +58,7 @@ from ml_backend.imageio import read_mask
 from .baselines import entropy_select, random_select
 from .bounds import BOUNDS_RULES, NO_BOUNDS, bounds_from_fractions, class_area_fractions, class_bounds
 from .order import rating_order
-from .select import PARTITIONS, mad_select, records_by_image
+from .select import PARTITIONS, mad_select, n3_for_size, records_by_image
 from .store import ScoreStore, open_store
 
 log = logging.getLogger(__name__)
@@ -407,7 +407,8 @@ def select_candidates(
 @dataclass
 class MadSelection:
     """What :func:`mad_candidates` chose: ``candidates`` (M in rating order, cut at the rating
-    budget), ``m_size`` (|M| before the budget), the bounds (C, 2) and their report."""
+    budget), ``m_size`` (|M| before the budget), the bounds (C, 2) and their report, the ``n3``
+    used."""
 
     candidates: list[Candidate]
     m_size: int
@@ -416,12 +417,13 @@ class MadSelection:
     bounds_report: dict[str, Any]
     order: str
     budget: int
+    n3: int
 
     def info(self) -> dict[str, Any]:
         """JSON-able facts for the round's state and the summary (the candidates excepted)."""
         return {"n_candidates": len(self.candidates), "m_size": self.m_size, "pool_size": self.pool_size,
                 "n_records": sum(len(c.selections) for c in self.candidates), "order": self.order,
-                "rating_budget": self.budget, "bounds_rule": self.bounds_report}
+                "rating_budget": self.budget, "n3": self.n3, "bounds_rule": self.bounds_report}
 
 
 def mad_candidates(
@@ -441,19 +443,26 @@ def mad_candidates(
     """The selection entry point of ``madseg select`` and ``madseg round``: size bounds by the
     rule ``bounds`` (:func:`selection_bounds`, over ``inputs`` minus ``exclude``), MAD with
     ``n3`` images per problem, M in the rating ``order``, and only M's first ``budget``
-    candidates kept when ``budget`` > 0 (the rating budget R)."""
+    candidates kept when ``budget`` > 0 (the rating budget R). When R is larger than M, n3 is
+    raised to the smallest value whose M holds R images (``sampler.select.n3_for_size``), so the
+    budget is spent on MAD's picks; ``n3`` in :meth:`MadSelection.info` is the value used."""
     if budget < 0:
         raise MadsegError(f"rating budget must be >= 0 (0 = all of M), got {budget}")
     inp = inputs.without(exclude)
     b, report = selection_bounds(inp, bounds, s0_fractions, bounds_method, min_count)
-    cands = select_candidates(store_dir, bounds=b, n3=n3, inputs=inp, competitor_names=competitor_names,
+    n3_used = n3
+    if budget:  # a budget beyond |M| is filled by more images per problem (still MAD's picks)
+        n3_used = n3_for_size(inp.target_areas, inp.competitor_areas, inp.distances, b, n3, budget)
+        if n3_used > n3:
+            log.info("rating budget %d > |M| at n3 = %d: n3 raised to %d", budget, n3, n3_used)
+    cands = select_candidates(store_dir, bounds=b, n3=n3_used, inputs=inp, competitor_names=competitor_names,
                               order=order)
     m_size = len(cands)
     if budget and budget < m_size:
         log.info("rating budget %d: the first %d of %d candidates go to the raters", budget, budget, m_size)
         cands = cands[:budget]
     return MadSelection(candidates=cands, m_size=m_size, pool_size=int(inp.ids.size), bounds=b,
-                        bounds_report=report, order=order, budget=budget)
+                        bounds_report=report, order=order, budget=budget, n3=n3_used)
 
 
 def target_pool(

@@ -170,3 +170,36 @@ def records_by_image(records: Iterable[MadRecord]) -> dict[int, list[MadRecord]]
     for lst in groups.values():
         lst.sort(key=lambda r: (r.rank, r.competitor, r.cls, pidx[r.partition]))
     return dict(sorted(groups.items(), key=lambda kv: (kv[1][0].rank, kv[0])))
+
+
+def n3_for_size(
+    target_areas: np.ndarray,
+    competitor_areas: np.ndarray,
+    distances: np.ndarray,
+    bounds: np.ndarray,
+    n3: int,
+    size: int,
+) -> int:
+    """The smallest ``n3' >= n3`` whose M (:func:`mad_select` with ``n3'``) has at least ``size``
+    images, or the smallest ``n3'`` that reaches the largest M the bounds allow when no ``n3'``
+    gets there. (|M| never shrinks as ``n3`` grows: each problem's picks are a prefix of one
+    order.) Arrays as in :func:`mad_select`; used to fill a rating budget larger than M."""
+    n = np.asarray(target_areas).shape[0]
+
+    def m_size(k: int) -> int:
+        return int(selected_images(mad_select(target_areas, competitor_areas, distances, bounds, k)).size)
+
+    if n3 < 1 or size <= m_size(n3):
+        return n3
+    top = m_size(max(n, n3))  # every eligible image of every problem
+    want = min(size, top)
+    lo, hi = n3, n3
+    while m_size(hi) < want:  # doubling, then bisection
+        lo, hi = hi, min(2 * hi, max(n, n3))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if m_size(mid) >= want:
+            hi = mid
+        else:
+            lo = mid
+    return hi

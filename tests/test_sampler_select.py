@@ -177,3 +177,24 @@ def test_prefix_and_rare_class_paths_match_brute_force(seed, monkeypatch):
     bounds = np.array([[0.0, 1.0], [0.1, 0.9], [0.0, 0.5], [0.3, 1.0], [0.0, 1.0], [0.0, 1.0]])
     for n3 in (1, 3, 17):
         assert mad_select(ta, ca, d, bounds, n3) == brute_force(ta, ca, d, bounds, n3)
+
+
+def test_n3_for_size_grows_m_to_a_rating_budget():
+    from sampler.select import n3_for_size, selected_images
+
+    rng = np.random.default_rng(3)
+    n, m, c = 200, 2, 5
+    ta = rng.dirichlet(np.ones(c), n)
+    ca = rng.dirichlet(np.ones(c), (m, n))
+    d = rng.random((m, n))
+    bounds = np.tile([[0.05, 0.6]], (c, 1))
+
+    def size(k):
+        return selected_images(mad_select(ta, ca, d, bounds, k)).size
+
+    assert n3_for_size(ta, ca, d, bounds, 2, 1) == 2  # M already large enough
+    k = n3_for_size(ta, ca, d, bounds, 2, 60)
+    assert size(k) >= 60 and size(k - 1) < 60 and k > 2  # the smallest n3 that reaches 60
+    top = size(n)
+    k = n3_for_size(ta, ca, d, bounds, 2, 10 * n)  # more than the bounds allow: the largest M
+    assert size(k) == top and size(k - 1) < top
