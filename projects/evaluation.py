@@ -41,6 +41,7 @@ import numpy as np
 
 from ml_backend.atomic import atomic_write_bytes
 from ml_backend.errors import MadsegError
+from ml_backend.jsonsafe import jsonable
 from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
 
 log = logging.getLogger(__name__)
@@ -725,20 +726,8 @@ def evaluate_experiment(
     except MadsegError as exc:
         log.warning("galleries skipped: %s", exc)
     results["markdown_table1"] = markdown_table(ev, marks={k: g["status"] for k, g in gates.items()})
-    atomic_write_json(exp.dir / "results.json", _json_safe(results))
+    atomic_write_json(exp.dir / "results.json", jsonable(results))
     return results
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(v, (np.floating, np.integer)):
-        return _json_safe(v.item())
-    return v
 
 
 def render_report(exp_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:

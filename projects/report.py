@@ -67,6 +67,7 @@ from PIL import Image
 from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
 from ml_backend.errors import MadsegError
+from ml_backend.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -844,29 +845,18 @@ def build_html(ri: ReportInput, *, max_gallery: int = 12, thumb_height: int = 16
     )
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return None if math.isnan(float(v)) else float(v)
+def _report_leaf(v: Any) -> Any:
+    """What ``report.json`` holds for a value JSON cannot: an array's shape, an in-memory image."""
     if isinstance(v, np.ndarray):
         return f"<array {v.shape}>"
     if callable(v):
         return "<in-memory>"
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
     return v
 
 
 def report_json(ri: ReportInput) -> dict[str, Any]:
     """The numbers of the page (galleries as paths and captions) as a JSON-serialisable dict."""
-    out = _json_safe(ri.data)
+    out = jsonable(ri.data, default=_report_leaf)
     out.setdefault("classes", ri.classes)
     out["warnings"] = list(ri.warnings)
     return out

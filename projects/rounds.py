@@ -58,6 +58,7 @@ from typing import Any
 
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
+from ml_backend.jsonsafe import jsonable
 from sampler.candidates import Candidate, read_candidates
 
 from .experiment import ExperimentConfig, ModelConfig
@@ -696,7 +697,7 @@ class Services:
         self._wait("ratings", lambda: rating_progress(client, pid, ls.raters_per_task))
         raw = collect_ratings(client, pid)
         mos = mean_opinion_scores(raw)
-        return {"project": pid, "raw": _jsonable_ratings(raw),
+        return {"project": pid, "raw": jsonable(raw),
                 "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
                 "ood": {k: v == float("inf") for k, v in mos.items()}}
 
@@ -853,17 +854,3 @@ def annotation_effort(tasks: Sequence[Mapping[str, Any]], *, simulated: bool) ->
                 missing += 1
     return {"tasks": len(tasks), "annotations": n, "annotators": len(people - {None}),
             "lead_time_s": round(seconds, 1), "without_lead_time": missing, "simulated": bool(simulated)}
-
-
-def _jsonable_ratings(raw: Any) -> Any:
-    if isinstance(raw, Mapping):
-        return {str(k): _jsonable_ratings(v) for k, v in raw.items()}
-    if isinstance(raw, (list, tuple)):
-        return [_jsonable_ratings(v) for v in raw]
-    if hasattr(raw, "_asdict"):
-        return _jsonable_ratings(raw._asdict())
-    if hasattr(raw, "__dataclass_fields__"):
-        import dataclasses
-
-        return _jsonable_ratings(dataclasses.asdict(raw))
-    return raw

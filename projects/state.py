@@ -29,6 +29,7 @@ from typing import Any
 
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
+from ml_backend.jsonsafe import jsonable
 
 STATE_VERSION = 1
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -36,16 +37,6 @@ _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def round_dir(exp_dir: str | os.PathLike[str], i: int) -> Path:
@@ -135,7 +126,7 @@ class RoundState:
     def mark(self, stage: str, **outputs: Any) -> None:
         """Record that ``stage`` is done with these JSON-able ``outputs``; saved atomically at once."""
         _check_stage(stage)
-        payload = _jsonable(outputs)
+        payload = jsonable(outputs)
         try:
             json.dumps(payload)
         except (TypeError, ValueError) as exc:

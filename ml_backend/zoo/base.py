@@ -21,6 +21,7 @@ from torch import nn
 
 from ..classes import VOC_CLASSES
 from ..errors import MadsegError, ModelError
+from ..jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-friendly dict (inverse of :meth:`from_dict`)."""
-        return {"name": self.name, "checkpoint": self.checkpoint, "options": _jsonable(dict(self.options))}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+        return {"name": self.name, "checkpoint": self.checkpoint, "options": jsonable(dict(self.options))}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
