@@ -80,25 +80,28 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a zoo model on a labelled folder (resumable; re-run the same command after a crash)."""
     from .datasets import LabelledFolder
-    from .finetune import DEFAULT_LR_GRID, FinetuneConfig, finetune
+    from .finetune import finetune, preset_config
     from .zoo import load_model
 
     options = dict(_parse_option(o) for o in args.option or [])
     if args.bf16:
         options["bf16"] = True
     model = load_model(args.model, args.checkpoint, device=args.device, **options)
-    lrs = _lrs(args.lr) if args.lr else DEFAULT_LR_GRID
-    cfg = FinetuneConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lrs=lrs,
-        lwf_weight=args.lwf_weight,
-        lwf_temperature=args.lwf_temperature,
-        freeze_bn=not args.train_bn,
-        seed=args.seed,
-        num_workers=args.workers,
-        crop_size=(args.crop_size, args.crop_size) if args.crop_size else None,
-    )
+    # The preset's values (ml_backend.finetune.PRESETS) unless a flag is given explicitly.
+    given = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lrs": _lrs(args.lr) if args.lr else None,
+        "lwf_weight": args.lwf_weight, "lwf_temperature": args.lwf_temperature,
+        "clip_grad_norm": args.clip_grad_norm, "encoder_lr_mult": args.encoder_lr_mult,
+        "sampling": args.sampling, "l2sp_weight": args.l2sp_weight, "ema_decay": args.ema_decay,
+        "scale_range": tuple(args.scale_range) if args.scale_range else None,
+        "crop_size": (args.crop_size, args.crop_size) if args.crop_size else None,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if args.train_bn:
+        overrides["freeze_bn"] = False
+    if args.no_clip:
+        overrides["clip_grad_norm"] = None
+    cfg = preset_config(args.preset, seed=args.seed, num_workers=args.workers, **overrides)
     res = finetune(
         model,
         LabelledFolder(args.train, args.train_subset),
@@ -155,12 +158,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-subset", default=None)
     p.add_argument("--unlabelled", default=None, help="folder of unlabelled images for LwF distillation")
     p.add_argument("--out", required=True, help="output folder (checkpoints, sidecar, resumable state)")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--preset", default="demo", choices=("demo", "paper"),
+                   help="recipe the other flags override (ml_backend.finetune.PRESETS; default demo: the "
+                        "benchmark-chosen defaults; paper: 80 epochs, LR grid 1e-5,5e-5,1e-4, scale 0.5-2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", default=None,
-                   help="learning rate or comma-separated grid (default 1e-5,5e-5,1e-4)")
-    p.add_argument("--lwf-weight", type=float, default=1.0, help="weight of the LwF term (with --unlabelled)")
-    p.add_argument("--lwf-temperature", type=float, default=2.0)
+                   help="learning rate or comma-separated grid chosen on --val (default: the preset's)")
+    p.add_argument("--lwf-weight", type=float, default=None,
+                   help="weight of the LwF term (with --unlabelled)")
+    p.add_argument("--lwf-temperature", type=float, default=None)
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="global gradient-norm clip")
+    p.add_argument("--no-clip", action="store_true", help="no gradient clipping")
+    p.add_argument("--encoder-lr-mult", type=float, default=None,
+                   help="LR multiplier of the encoder (0 = train only the decoder/classifier)")
+    p.add_argument("--sampling", choices=("uniform", "balanced"), default=None,
+                   help="balanced: draw new pairs by the rarity of their classes")
+    p.add_argument("--l2sp-weight", type=float, default=None, help="L2-SP: decay towards the parent weights")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights (0 = off)")
+    p.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random scale augmentation range")
     p.add_argument("--crop-size", type=int, default=None,
                    help="training crop side (default: model input size)")
     p.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (default: frozen)")

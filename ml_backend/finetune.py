@@ -27,8 +27,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,59 +46,25 @@ from .classes import IGNORE_INDEX
 from .datasets import LabelledFolder, SegmentationTrainSet, UnlabelledTrainSet, read_pair, unlabelled_images
 from .errors import MadsegError
 from .evaluate import evaluate_confusion
+from .finetune_config import (  # noqa: F401 - re-exported
+    DEFAULT_LR_GRID,
+    PRESETS,
+    SAMPLING_MODES,
+    FinetuneConfig,
+    preset_config,
+)
 from .metrics import gt_class_miou, iou_per_class, miou_from_confusion
 from .zoo.base import ModelSpec, SegmentationModel, TorchSegmentationModel, parse_size
 from .zoo.checkpoints import sidecar_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR_GRID: tuple[float, ...] = (1e-5, 5e-5, 1e-4)
 SIDECAR_FORMAT = "madseg-finetune/1"
 CHECKPOINT_NAME = "model.pth"
 
 
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of :func:`finetune` (defaults: the paper's recipe).
-
-    ``lrs``: one rate, or a grid chosen by mIoU on ``val``. ``replay_batch_size``: S(0) images
-    mixed into each step (default = ``batch_size``). ``lwf_weight``: weight of the distillation
-    term when unlabelled images are given. ``freeze_bn``: keep BatchNorm statistics fixed (a batch
-    of 2 + 2 images gives noisy statistics); BN affine parameters are still trained.
-    ``crop_size``: training crop (default: the model's input size).
-    """
-
-    epochs: int = 80
-    batch_size: int = 2
-    replay_batch_size: int | None = None
-    lrs: tuple[float, ...] = DEFAULT_LR_GRID
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    crop_size: tuple[int, int] | None = None
-    lwf_weight: float = 1.0
-    lwf_temperature: float = 2.0
-    lwf_batch_size: int | None = None
-    freeze_bn: bool = True
-    seed: int = 0
-    num_workers: int | None = None
-    eval_batch_size: int = 8
-
-    def validate(self) -> None:
-        """Raise :class:`MadsegError` for impossible values."""
-        if self.epochs < 1 or self.batch_size < 1:
-            raise MadsegError(
-                f"finetune: epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1"
-            )
-        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
-            raise MadsegError(f"finetune: learning rates must be positive, got {self.lrs}")
-        lo, hi = self.scale_range
-        if not (0 < lo <= hi):
-            raise MadsegError(f"finetune: scale_range {self.scale_range} must satisfy 0 < min <= max")
-        if self.lwf_temperature <= 0 or self.lwf_weight < 0:
-            raise MadsegError("finetune: lwf_temperature must be > 0 and lwf_weight >= 0")
+#: Parameter-name pattern of a model's encoder (ESPNetv2/DiCENet ``base_net``, torchvision ``backbone``).
+ENCODER_PATTERN = re.compile(r"(^|\.)(base_net|backbone|encoder)\.")
 
 
 @dataclass
@@ -130,7 +97,11 @@ class FinetuneResult:
 
 
 class _StepBatches(Dataset):
-    """Item ``step`` -> (images [B, 3, h, w], masks [B, h, w] int64, unlabelled [U, 3, h, w] | None)."""
+    """Item ``step`` -> (images [B, 3, h, w], masks [B, h, w] int64, unlabelled [U, 3, h, w] | None).
+
+    The B rows are the new pairs, then the replay pairs, then the pseudo-labelled pairs (the
+    trainer splits them again by the counts in the plan).
+    """
 
     def __init__(
         self,
@@ -138,8 +109,10 @@ class _StepBatches(Dataset):
         replay: SegmentationTrainSet | None,
         unlabelled: UnlabelledTrainSet | None,
         plan: list[dict[str, np.ndarray]],
+        pseudo: SegmentationTrainSet | None = None,
     ) -> None:
         self.train, self.replay, self.unlabelled, self.plan = train, replay, unlabelled, plan
+        self.pseudo = pseudo
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -150,11 +123,12 @@ class _StepBatches(Dataset):
             self.train.sample(int(i), np.random.default_rng(int(s)))
             for i, s in zip(p["train"], p["train_seed"], strict=True)
         ]
-        if self.replay is not None:
-            items += [
-                self.replay.sample(int(i), np.random.default_rng(int(s)))
-                for i, s in zip(p["replay"], p["replay_seed"], strict=True)
-            ]
+        for key, data in (("replay", self.replay), ("pseudo", self.pseudo)):
+            if data is not None and key in p:
+                items += [
+                    data.sample(int(i), np.random.default_rng(int(s)))
+                    for i, s in zip(p[key], p[key + "_seed"], strict=True)
+                ]
         images = torch.stack([x for x, _ in items])
         masks = torch.stack([m for _, m in items])
         unl = None
@@ -166,19 +140,50 @@ class _StepBatches(Dataset):
         return images, masks, unl
 
 
+def balanced_weights(class_sets: Sequence[Collection[int]]) -> np.ndarray:
+    """Sampling probabilities (N,) for pairs whose ground truth holds ``class_sets[i]``.
+
+    A pair's weight is ``1 / count`` of its rarest foreground class (count = pairs holding that
+    class); a pair with only background gets the weight of the commonest class. Sums to 1.
+    """
+    counts: dict[int, int] = {}
+    for cs in class_sets:
+        for k in set(cs):
+            counts[k] = counts.get(k, 0) + 1
+    fg_counts = [v for k, v in counts.items() if k != 0]
+    common = max(fg_counts) if fg_counts else 1
+    w = np.array([
+        1.0 / min((counts[k] for k in set(cs) if k != 0), default=common) for cs in class_sets
+    ], dtype=np.float64)
+    return w / w.sum()
+
+
 def epoch_plan(
-    n_train: int, n_replay: int, n_unl: int, cfg: FinetuneConfig, epoch: int
+    n_train: int,
+    n_replay: int,
+    n_unl: int,
+    cfg: FinetuneConfig,
+    epoch: int,
+    *,
+    weights: np.ndarray | None = None,
+    n_pseudo: int = 0,
 ) -> list[dict[str, np.ndarray]]:
-    """Per step of ``epoch``: indices and augmentation seeds of the new, replay and unlabelled samples.
+    """Per step of ``epoch``: indices and augmentation seeds of new, replay, pseudo, unlabelled samples.
 
     The new pairs are visited once per epoch in a random order (batches of ``batch_size``, the
-    last one possibly smaller); replay and unlabelled samples are drawn with replacement.
+    last one possibly smaller), or, with ``weights`` (N,) (``sampling = "balanced"``), drawn with
+    replacement with those probabilities (same number of steps). Replay, pseudo-labelled and
+    unlabelled samples are drawn with replacement.
     """
     rng = np.random.default_rng([cfg.seed, epoch])
-    order = rng.permutation(n_train)
+    if weights is not None:
+        order = rng.choice(n_train, size=n_train, replace=True, p=weights)
+    else:
+        order = rng.permutation(n_train)
     steps = math.ceil(n_train / cfg.batch_size)
     rbs = cfg.replay_batch_size if cfg.replay_batch_size is not None else cfg.batch_size
     ubs = cfg.lwf_batch_size if cfg.lwf_batch_size is not None else cfg.batch_size
+    pbs = cfg.pseudo_batch_size if cfg.pseudo_batch_size is not None else cfg.batch_size
     plan = []
     for s in range(steps):
         idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
@@ -189,6 +194,9 @@ def epoch_plan(
         if n_unl:
             step["unl"] = rng.integers(0, n_unl, ubs)
             step["unl_seed"] = rng.integers(0, 2**62, ubs)
+        if n_pseudo:
+            step["pseudo"] = rng.integers(0, n_pseudo, pbs)
+            step["pseudo_seed"] = rng.integers(0, 2**62, pbs)
         plan.append(step)
     return plan
 
@@ -283,6 +291,36 @@ def _load_result(spec: ModelSpec, checkpoint: Path, device: torch.device) -> Seg
     return load_model(spec.name, str(checkpoint), device=device, **dict(spec.options))
 
 
+class NonFiniteLossError(MadsegError):
+    """Training produced a non-finite loss or gradient; the run stopped and wrote no checkpoint."""
+
+
+def _param_groups(
+    student: nn.Module, lr: float, encoder_lr_mult: float
+) -> tuple[list[dict[str, Any]], list[tuple[str, nn.Parameter]]]:
+    """SGD parameter groups (encoder at ``lr * encoder_lr_mult``, the rest at ``lr``) and the trained
+    (name, parameter) list. With ``encoder_lr_mult == 0`` the encoder is frozen (no gradients)."""
+    enc: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    named: list[tuple[str, nn.Parameter]] = []
+    for name, prm in student.named_parameters():
+        if ENCODER_PATTERN.search(name):
+            if encoder_lr_mult == 0:
+                prm.requires_grad_(False)
+                continue
+            enc.append(prm)
+        else:
+            rest.append(prm)
+        prm.requires_grad_(True)
+        named.append((name, prm))
+    if not rest and not enc:
+        raise MadsegError("finetune: no trainable parameters (encoder_lr_mult = 0 and no decoder?)")
+    groups = [{"params": rest, "lr": lr, "lr_mult": 1.0}]
+    if enc:
+        groups.append({"params": enc, "lr": lr * encoder_lr_mult, "lr_mult": float(encoder_lr_mult)})
+    return [g for g in groups if g["params"]], named
+
+
 class _Trainer:
     def __init__(
         self,
@@ -293,35 +331,54 @@ class _Trainer:
         cfg: FinetuneConfig,
         progress: bool,
         on_epoch_end: Callable[[EpochInfo], None] | None,
+        *,
+        pseudo: SegmentationTrainSet | None = None,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.model, self.train, self.replay, self.unl = model, train, replay, unlabelled
+        self.pseudo, self.weights = pseudo, weights
         self.cfg, self.progress, self.on_epoch_end = cfg, progress, on_epoch_end
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         if cfg.num_workers is not None:
             self.num_workers = cfg.num_workers
         else:
             self.num_workers = 0 if model.device.type == "cpu" else min(4, os.cpu_count() or 1)
+        self.where = ""
 
     def run(self, k: int, lr: float, run_dir: Path) -> tuple[Path, list[float]]:
-        """Train one learning rate (resuming from ``run_dir/state.pt``); return (weights, epoch losses)."""
+        """Train one learning rate (resuming from ``run_dir/state.pt``); return (weights, epoch losses).
+
+        Raises :class:`NonFiniteLossError` (nothing written for the failing epoch, no ``model.pth``)
+        when a loss or gradient becomes NaN/inf.
+        """
         cfg, model = self.cfg, self.model
         dev = model.device
         student = copy.deepcopy(model.module)
         assert student is not None
         student.to(dev)
-        params = [p for p in student.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups, named = _param_groups(student, lr, cfg.encoder_lr_mult)
+        params = [prm for _, prm in named]
+        # L2-SP: decay towards the parent's weights instead of towards zero.
+        anchor = [prm.detach().clone() for prm in params] if cfg.l2sp_weight > 0 else None
+        wd = 0.0 if anchor is not None else cfg.weight_decay
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        ema = None
+        if cfg.ema_decay > 0:
+            ema = {n: v.detach().clone().float() for n, v in student.state_dict().items()
+                   if v.is_floating_point()}
         state_file = run_dir / "state.pt"
         start, losses = 0, []
         if state_file.is_file():
             state = torch.load(state_file, map_location=dev, weights_only=True)
             student.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
+            if ema is not None and state.get("ema") is not None:
+                ema = {n: v.to(dev) for n, v in state["ema"].items()}
             start, losses = int(state["epoch"]), [float(v) for v in state["losses"]]
             log.info("lr %g: resuming after epoch %d/%d", lr, start, cfg.epochs)
         teacher = model.module if self.unl is not None and cfg.lwf_weight > 0 else None
+        if teacher is not None:
+            teacher.eval()
         total = cfg.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=start * self.steps_per_epoch, unit="step",
                    desc=f"finetune lr={lr:g}", disable=not self.progress)
@@ -329,9 +386,11 @@ class _Trainer:
             for epoch in range(start, cfg.epochs):
                 n_replay = len(self.replay) if self.replay is not None else 0
                 n_unl = len(self.unl) if self.unl is not None else 0
-                plan = epoch_plan(len(self.train), n_replay, n_unl, cfg, epoch)
+                n_pseudo = len(self.pseudo) if self.pseudo is not None else 0
+                plan = epoch_plan(len(self.train), n_replay, n_unl, cfg, epoch, weights=self.weights,
+                                  n_pseudo=n_pseudo)
                 loader = DataLoader(
-                    _StepBatches(self.train, self.replay, self.unl, plan),
+                    _StepBatches(self.train, self.replay, self.unl, plan, self.pseudo),
                     batch_size=None,
                     shuffle=False,
                     num_workers=self.num_workers,
@@ -344,8 +403,18 @@ class _Trainer:
                     it = epoch * self.steps_per_epoch + s
                     cur_lr = lr * (1.0 - it / total) ** cfg.poly_power
                     for g in opt.param_groups:
-                        g["lr"] = cur_lr
-                    loss = self._step(student, teacher, opt, images, masks, unl)
+                        g["lr"] = cur_lr * g.get("lr_mult", 1.0)
+                    self.where = (f"run {run_dir.name} (lr {lr:g}), epoch {epoch + 1}/{cfg.epochs}, "
+                                  f"step {s + 1}")
+                    n_new = len(plan[s]["train"])
+                    n_pseudo_step = len(plan[s].get("pseudo", ()))
+                    loss = self._step(student, teacher, opt, images, masks, unl, n_new, n_pseudo_step,
+                                      params, anchor)
+                    if ema is not None:
+                        with torch.no_grad():
+                            for name, v in student.state_dict().items():
+                                if name in ema:
+                                    ema[name].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
                     run_loss += loss
                     n += 1
                     bar.update(1)
@@ -356,11 +425,15 @@ class _Trainer:
                     "module": student.state_dict(),
                     "optimizer": opt.state_dict(),
                     "losses": losses,
+                    "ema": ema,
                 })
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(EpochInfo(lr, epoch + 1, cfg.epochs, losses[-1], run_dir))
         finally:
             bar.close()
+        if ema is not None:
+            sd = student.state_dict()
+            student.load_state_dict({n: (ema[n].to(v.dtype) if n in ema else v) for n, v in sd.items()})
         weights = run_dir / CHECKPOINT_NAME
         _save_torch(weights, model.checkpoint_state(student))
         return weights, losses
@@ -373,27 +446,49 @@ class _Trainer:
         images: torch.Tensor,
         masks: torch.Tensor,
         unl: torch.Tensor | None,
+        n_new: int,
+        n_pseudo: int,
+        params: list[nn.Parameter],
+        anchor: list[torch.Tensor] | None,
     ) -> float:
-        model, dev = self.model, self.model.device
+        """One SGD step; returns the loss. Labelled rows: ``n_new`` new pairs, then replay, then
+        ``n_pseudo`` pseudo-labelled pairs (weighted by ``pseudo_weight``)."""
+        model, dev, cfg = self.model, self.model.device, self.cfg
         masks = masks.to(dev, non_blocking=True)
         x = images if unl is None or teacher is None else torch.cat([images, unl])
         x = model.prepare_input(x)
         with model.autocast():
             logits = student(x)
         n = images.shape[0]
-        loss = segmentation_loss(logits[:n], masks)
+        n_real = n - n_pseudo
+        loss = segmentation_loss(logits[:n_real], masks[:n_real])
+        if n_pseudo:
+            loss = loss + cfg.pseudo_weight * segmentation_loss(logits[n_real:n], masks[n_real:])
         if teacher is not None and unl is not None:
             with torch.no_grad(), model.autocast():
                 t_logits = teacher(model.prepare_input(unl))
-            kd = distillation_loss(logits[n:], t_logits, self.cfg.lwf_temperature)
-            loss = loss + self.cfg.lwf_weight * kd
+            kd = distillation_loss(logits[n:], t_logits, cfg.lwf_temperature)
+            loss = loss + cfg.lwf_weight * kd
         if not torch.isfinite(loss):
-            raise MadsegError(
-                f"finetune: the loss became {loss.detach().item()}; "
-                "lower the learning rate or check the masks"
+            raise NonFiniteLossError(
+                f"finetune: the loss became {loss.detach().item()} in {self.where}; the run stopped "
+                "and wrote no checkpoint. Lower the learning rate (or clip_grad_norm) and use a new "
+                "output folder, or check the masks"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"finetune: the gradient norm became {float(grad_norm)} in {self.where}; the run "
+                "stopped and wrote no checkpoint. Lower the learning rate and use a new output folder"
+            )
+        if anchor is not None:  # L2-SP, applied after clipping like SGD's own weight decay
+            with torch.no_grad():
+                for prm, p0 in zip(params, anchor, strict=True):
+                    if prm.grad is not None:
+                        prm.grad.add_(prm.detach() - p0, alpha=cfg.l2sp_weight)
         opt.step()
         return float(loss.detach())
 
@@ -406,6 +501,7 @@ def finetune(
     replay: LabelledFolder | None = None,
     val: LabelledFolder | None = None,
     unlabelled: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    pseudo: LabelledFolder | None = None,
     config: FinetuneConfig | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[EpochInfo], None] | None = None,
@@ -414,8 +510,10 @@ def finetune(
 
     ``replay`` = S(0) (a batch mixed into every step), ``val`` = T(0) (chooses among ``config.lrs``;
     required for more than one rate), ``unlabelled`` = images (folder or files) for LwF
-    distillation. The model passed in is not modified. Re-running the same call resumes; a
-    finished job returns its result at once. See the module docstring for the files written.
+    distillation, ``pseudo`` = pseudo-labelled pairs (255 = ignore; e.g. from
+    :mod:`ml_backend.pseudolabels`), weighted by ``config.pseudo_weight``. The model passed in is not
+    modified. Re-running the same call resumes; a finished job returns its result at once. See the
+    module docstring for the files written.
     """
     cfg = copy.deepcopy(config) if config is not None else FinetuneConfig()
     cfg.lrs = tuple(float(v) for v in cfg.lrs)
@@ -432,7 +530,7 @@ def finetune(
         )
     crop = parse_size(cfg.crop_size) if cfg.crop_size is not None else model.input_size
     c = model.num_classes
-    for name, data in (("train", train), ("replay", replay), ("val", val)):
+    for name, data in (("train", train), ("replay", replay), ("val", val), ("pseudo", pseudo)):
         if data is not None:
             if len(data) == 0:
                 raise MadsegError(f"finetune: the {name} set {data.root} selects no images")
@@ -453,6 +551,7 @@ def finetune(
             "replay": _describe(replay),
             "val": _describe(val),
             "unlabelled": _describe(unl_paths),
+            "pseudo": _describe(pseudo),
         },
         "hyperparameters": {**_jsonable_config(cfg), "crop_size": list(crop)},
     }
@@ -481,7 +580,18 @@ def finetune(
     if unl_paths is not None and cfg.lwf_weight > 0:
         unl_set = UnlabelledTrainSet(unl_paths, crop, mean, std, scale_range=cfg.scale_range,
                                      flip=cfg.flip, seed=cfg.seed)
-    trainer = _Trainer(model, train_set, replay_set, unl_set, cfg, progress, on_epoch_end)
+    pseudo_set = None
+    if pseudo is not None and cfg.pseudo_weight > 0:
+        pseudo_set = SegmentationTrainSet(pseudo.pairs, crop, mean, std, num_classes=c,
+                                          scale_range=cfg.scale_range, flip=cfg.flip, seed=cfg.seed)
+    weights = None
+    if cfg.sampling == "balanced":
+        weights = balanced_weights([
+            [k for k in np.unique(read_pair(i, m, c)[1]).tolist() if k != IGNORE_INDEX]
+            for i, m in train.pairs
+        ])
+    trainer = _Trainer(model, train_set, replay_set, unl_set, cfg, progress, on_epoch_end,
+                       pseudo=pseudo_set, weights=weights)
 
     runs: list[dict[str, Any]] = []
     for k, lr in enumerate(cfg.lrs):

@@ -44,26 +44,31 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
+from ml_backend.finetune_config import PRESETS as FT_PRESETS
+from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-#: Fine-tuning presets; explicit ``[finetune]`` keys override them.
+#: Fine-tuning presets; explicit ``[finetune]`` keys override them. One source of truth:
+#: ``ml_backend.finetune.PRESETS`` (also behind ``madseg finetune --preset``); S(0) replay is on
+#: and the LwF weight 0 (LwF is the separate "f(1) LwF" variant) in both.
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's setting: SGD, batch 2, 80 epochs, LR chosen from {1, 5, 10}e-5.
-    "paper": {
-        "epochs": 80, "batch_size": 2, "lr_grid": (1e-5, 5e-5, 1e-4), "replay": True, "lwf_weight": 0.0,
-    },
-    # Sized for the 2-core demo: few epochs, one learning rate.
-    "demo": {"epochs": 5, "batch_size": 2, "lr_grid": (1e-4,), "replay": True, "lwf_weight": 0.0},
+    name: {
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr_grid": tuple(cfg.lrs), "replay": True,
+        "lwf_weight": 0.0, "scale_range": tuple(cfg.scale_range), "clip_grad_norm": cfg.clip_grad_norm,
+        "encoder_lr_mult": cfg.encoder_lr_mult, "sampling": cfg.sampling, "l2sp_weight": cfg.l2sp_weight,
+        "ema_decay": cfg.ema_decay,
+    }
+    for name, cfg in FT_PRESETS.items()
 }
 BOUNDS_METHODS = ("quartiles", "mean_std")
 BOUNDS_RULES = ("auto", "s0", "pool", "none")
@@ -84,7 +89,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "n3", "n4", "test_size", "max_per_class", "bounds", "bounds_method", "min_count", "order",
         "rating_budget", "metric", "working_size", "baseline",
     ),
-    "finetune": ("preset", "epochs", "batch_size", "lr_grid", "replay", "lwf_weight"),
+    "finetune": ("preset", "epochs", "batch_size", "lr_grid", "replay", "lwf_weight", "scale_range",
+                 "clip_grad_norm", "encoder_lr_mult", "sampling", "l2sp_weight", "ema_decay"),
     "label_studio": ("url", "api_key_env", "document_root", "raters_per_task", "backend_url"),
     "oracle": ("enabled", "gt", "noise", "thresholds", "ignore", "seed"),
 }
@@ -193,7 +199,8 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Fine-tuning settings after applying the preset (for ``ml_backend.finetune.FinetuneConfig``)."""
+    """Fine-tuning settings after applying the preset (for ``ml_backend.finetune.FinetuneConfig``;
+    the key names are that class's field names, except ``lr_grid`` = ``lrs`` and ``replay``)."""
 
     preset: str
     epochs: int
@@ -201,12 +208,32 @@ class FinetuneSettings:
     lr_grid: tuple[float, ...]
     replay: bool
     lwf_weight: float
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    clip_grad_norm: float | None = 10.0
+    encoder_lr_mult: float = 1.0
+    sampling: str = "uniform"
+    l2sp_weight: float = 0.0
+    ema_decay: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr_grid": list(self.lr_grid), "replay": self.replay, "lwf_weight": self.lwf_weight,
+            "scale_range": list(self.scale_range), "clip_grad_norm": self.clip_grad_norm,
+            "encoder_lr_mult": self.encoder_lr_mult, "sampling": self.sampling,
+            "l2sp_weight": self.l2sp_weight, "ema_decay": self.ema_decay,
         }
+
+    def to_config(self, *, seed: int = 0, lwf: bool = False) -> FinetuneConfig:
+        """The :class:`FinetuneConfig` of these settings (``lwf``: the LwF variant, weight
+        ``lwf_weight`` or 1.0; otherwise ``lwf_weight`` as set)."""
+        lwf_weight = (self.lwf_weight or 1.0) if lwf else self.lwf_weight
+        return replace(
+            FT_PRESETS[self.preset], epochs=self.epochs, batch_size=self.batch_size, lrs=tuple(self.lr_grid),
+            lwf_weight=lwf_weight, scale_range=tuple(self.scale_range), clip_grad_norm=self.clip_grad_norm,
+            encoder_lr_mult=self.encoder_lr_mult, sampling=self.sampling, l2sp_weight=self.l2sp_weight,
+            ema_decay=self.ema_decay, seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -685,6 +712,12 @@ def _parse(raw: dict[str, Any], path: Path, check_paths: bool) -> ExperimentConf
         lr_grid=tuple(float(v) for v in lr_grid),
         replay=r.bool_(ft, w, "replay", base["replay"]),
         lwf_weight=r.float_(ft, w, "lwf_weight", base["lwf_weight"]),
+        scale_range=_scale_range(r, ft, w, base["scale_range"]),
+        clip_grad_norm=_clip(r, ft, w, base["clip_grad_norm"]),
+        encoder_lr_mult=r.float_(ft, w, "encoder_lr_mult", base["encoder_lr_mult"]),
+        sampling=r.choice(ft, w, "sampling", base["sampling"], SAMPLING_MODES),
+        l2sp_weight=r.float_(ft, w, "l2sp_weight", base["l2sp_weight"]),
+        ema_decay=r.float_(ft, w, "ema_decay", base["ema_decay"], hi=0.9999),
     )
 
     # [label_studio]
@@ -739,3 +772,20 @@ def _parse(raw: dict[str, Any], path: Path, check_paths: bool) -> ExperimentConf
         pool=pool, target=target, competitors=tuple(competitors), s0=s0, t0=t0, selection=selection,
         finetune=finetune, label_studio=label_studio, oracle=oracle,
     )
+
+
+def _scale_range(r: Any, ft: Mapping[str, Any], w: str, default: tuple[float, float]) -> tuple[float, float]:
+    v = ft.get("scale_range", list(default))
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            or not (0 < v[0] <= v[1])):
+        raise r.fail(w, f"scale_range must be [min, max] with 0 < min <= max, got {v!r}")
+    return (float(v[0]), float(v[1]))
+
+
+def _clip(r: Any, ft: Mapping[str, Any], w: str, default: float | None) -> float | None:
+    """``clip_grad_norm``: a positive number, or 0 for no clipping."""
+    if "clip_grad_norm" not in ft:
+        return default
+    v = r.float_(ft, w, "clip_grad_norm", 0.0)
+    return None if v == 0 else v

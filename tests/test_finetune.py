@@ -299,3 +299,189 @@ def test_torchvision_model_finetunes_and_reloads_from_sidecar(tmp_path: Path) ->
     assert res.spec.options == {"input_size": [96, 96], "num_classes": 21}
     again = load_model("torchvision:lraspp_mobilenet_v3_large", res.checkpoint)  # options from the sidecar
     assert again.version == res.version != tv.version and again.input_size == (96, 96)
+
+
+# ------------------------------------------------------------------------------------------------
+# stability: gradient clipping and the non-finite guard
+# ------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(model, tmp_path: Path, monkeypatch) -> None:
+    import ml_backend.finetune as ft
+
+    real = ft.segmentation_loss
+    calls = {"n": 0}
+
+    def nan_on_third(logits, masks):
+        calls["n"] += 1
+        loss = real(logits, masks)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(ft, "segmentation_loss", nan_on_third)
+    train = LabelledFolder(VOC, TRAIN_STEMS)  # 2 steps per epoch: the third call is epoch 2, step 1
+    with pytest.raises(ft.NonFiniteLossError, match=r"loss became nan in run lr0_0\.001 .*epoch 2/3, step 1"):
+        finetune(model, train, tmp_path / "nan", config=_cfg(epochs=3), progress=False)
+    assert not list((tmp_path / "nan").rglob("model.pth"))
+    # positive control: the same run without the forced NaN finishes and writes its checkpoint
+    monkeypatch.setattr(ft, "segmentation_loss", real)
+    res = finetune(model, train, tmp_path / "ok", config=_cfg(epochs=3), progress=False)
+    assert res.checkpoint.is_file()
+
+
+def test_unclipped_divergence_is_caught_and_clipping_keeps_it_finite(model, tmp_path: Path) -> None:
+    """At LR 0.02 the unclipped run diverges (NaN, caught with a clear error, no model.pth); the
+    default global-norm clip keeps the very same run finite."""
+    train = LabelledFolder(VOC, TRAIN_STEMS)
+    with pytest.raises(MadsegError, match=r"(loss|gradient norm) became (nan|inf) in run lr0_0\.02"):
+        finetune(model, train, tmp_path / "raw", config=_cfg(epochs=4, lrs=(0.02,), clip_grad_norm=None),
+                 progress=False)
+    assert not list((tmp_path / "raw").rglob("model.pth"))
+    res = finetune(model, train, tmp_path / "clip", config=_cfg(epochs=4, lrs=(0.02,)), progress=False)
+    assert all(np.isfinite(v) for v in res.runs[0]["train_loss"])
+
+
+def test_clipping_bounds_the_update(model, tmp_path: Path) -> None:
+    """One plain SGD step (no momentum/decay) moves the weights by lr * min(||g||, clip) exactly."""
+    train = LabelledFolder(VOC, TRAIN_STEMS[:2])
+    before = {k: v.float() for k, v in model.checkpoint_state().items()}
+
+    def step_norm(clip: float | None, name: str) -> float:
+        cfg = _cfg(epochs=1, lrs=(0.01,), momentum=0.0, weight_decay=0.0, clip_grad_norm=clip)
+        res = finetune(model, train, tmp_path / name, config=cfg, progress=False)
+        after = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
+        return float(torch.sqrt(sum(((after[k].float() - before[k]) ** 2).sum() for k in before
+                                    if before[k].is_floating_point() and "running" not in k)))
+
+    free = step_norm(None, "free")
+    clipped = step_norm(0.5, "clipped")
+    assert free > 0.01 * 0.5 * 2  # the raw gradient norm is well above the clip (positive control)
+    assert clipped == pytest.approx(0.01 * 0.5, rel=1e-3)
+
+
+def test_lwf_with_its_default_weight_stays_finite(model, tmp_path: Path) -> None:
+    """LwF (default weight 1, T = 2) on a few shared images at a high LR: finite for 4 epochs."""
+    train = LabelledFolder(VOC, TRAIN_STEMS)
+    cfg = _cfg(epochs=4, lrs=(0.01,))
+    assert cfg.lwf_weight == 1.0
+    res = finetune(model, train, tmp_path / "lwf", unlabelled=UNLABELLED, config=cfg, progress=False)
+    losses = res.runs[0]["train_loss"]
+    assert len(losses) == 4 and all(np.isfinite(v) and v < 10 for v in losses), losses
+
+
+# ------------------------------------------------------------------------------------------------
+# learning more from each label
+# ------------------------------------------------------------------------------------------------
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_encoder_lr_mult_zero_trains_only_the_decoder(model, tmp_path: Path) -> None:
+    train = LabelledFolder(VOC, TRAIN_STEMS[:2])
+    res = finetune(model, train, tmp_path / "dec", config=_cfg(epochs=1, encoder_lr_mult=0.0), progress=False)
+    before, after = model.checkpoint_state(), _weights(res.checkpoint)
+    enc = [k for k in before if k.startswith("base_net.") and before[k].is_floating_point()]
+    dec = [k for k in before if not k.startswith("base_net.") and "running" not in k
+           and before[k].is_floating_point()]
+    assert enc and dec
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    # positive control: with the default multiplier the encoder moves too
+    res2 = finetune(model, train, tmp_path / "all", config=_cfg(epochs=1), progress=False)
+    assert any(not torch.equal(before[k], _weights(res2.checkpoint)[k]) for k in enc)
+
+
+def test_l2sp_keeps_the_weights_closer_to_the_parent(model, tmp_path: Path) -> None:
+    train = LabelledFolder(VOC, TRAIN_STEMS)
+    before = {k: v.float() for k, v in model.checkpoint_state().items()}
+
+    def dist(res) -> float:
+        w = _weights(res.checkpoint)
+        return float(sum(((w[k].float() - before[k]) ** 2).sum() for k in before if "running" not in k))
+
+    plain = finetune(model, train, tmp_path / "p", config=_cfg(epochs=3), progress=False)
+    sp = finetune(model, train, tmp_path / "sp", config=_cfg(epochs=3, l2sp_weight=100.0), progress=False)
+    assert dist(sp) < 0.8 * dist(plain)
+
+
+def test_ema_result_differs_from_the_last_weights(model, tmp_path: Path) -> None:
+    train = LabelledFolder(VOC, TRAIN_STEMS)
+    plain = finetune(model, train, tmp_path / "p", config=_cfg(epochs=2), progress=False)
+    ema = finetune(model, train, tmp_path / "e", config=_cfg(epochs=2, ema_decay=0.5), progress=False)
+    a, b, parent = _weights(plain.checkpoint), _weights(ema.checkpoint), model.checkpoint_state()
+    k = next(k for k in a if k.startswith("bu_dec_l4") and a[k].is_floating_point())
+    # the average lies between the parent and the last weights: closer to the parent than plain
+    assert float((b[k] - parent[k]).norm()) < float((a[k] - parent[k]).norm())
+
+
+def test_balanced_weights_and_plan() -> None:
+    from ml_backend.finetune import balanced_weights
+
+    w = balanced_weights([[0, 15], [0, 15], [0, 15], [0, 8]])
+    assert w == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    assert balanced_weights([[0], [0, 3]]) == pytest.approx([0.5, 0.5])
+    cfg = FinetuneConfig(batch_size=2, seed=1)
+    plan = epoch_plan(4, 0, 0, cfg, 0, weights=np.array([0.0, 0.0, 0.0, 1.0]))
+    assert len(plan) == 2 and all((p["train"] == 3).all() for p in plan)
+
+
+def test_pseudo_labels_from_agreement_and_training_with_them(model, tmp_path: Path) -> None:
+    from ml_backend.pseudolabels import agreement_label, write_agreement_labels
+
+    a = np.array([[1, 1], [2, 0]])
+    b = np.array([[1, 3], [2, 0]])
+    assert agreement_label([a, b]).tolist() == [[1, 255], [2, 0]]
+    with pytest.raises(MadsegError, match="at least 2"):
+        agreement_label([a])
+    imgs = [VOC / "images" / f"{s}.png" for s in VAL_STEMS]
+    from ml_backend.imageio import read_rgb
+
+    preds = []
+    for p in imgs:
+        h, w = read_rgb(p).shape[:2]
+        m1 = np.zeros((h, w), np.uint8)
+        m2 = m1.copy()
+        m2[: h // 4] = 5  # they disagree on the top quarter only
+        preds.append([m1, m2])
+    stems = write_agreement_labels(imgs, preds, tmp_path / "pseudo", min_coverage=0.5)
+    assert stems == VAL_STEMS
+    pf = LabelledFolder(tmp_path / "pseudo")
+    mask = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(pf.pairs[0][1]))
+    assert (mask[:1] == 255).all() and (mask[-1:] == 0).all()
+    assert write_agreement_labels(imgs, preds, tmp_path / "none", min_coverage=0.9) == []
+    train = LabelledFolder(VOC, TRAIN_STEMS[:2])
+    plain = finetune(model, train, tmp_path / "plain", config=_cfg(epochs=1), progress=False)
+    res = finetune(model, train, tmp_path / "ps", pseudo=pf, config=_cfg(epochs=1), progress=False)
+    assert read_sidecar(res.checkpoint)["data"]["pseudo"]["count"] == 2
+    assert res.runs[0]["train_loss"][0] != pytest.approx(plain.runs[0]["train_loss"][0], rel=1e-6)
+
+
+def test_presets_are_one_source_and_cli_uses_them(tmp_path: Path, capsys) -> None:
+    from ml_backend.finetune import PRESETS, preset_config
+    from projects.experiment import FINETUNE_PRESETS
+
+    assert set(PRESETS) == {"demo", "paper"} == set(FINETUNE_PRESETS)
+    for name, cfg in PRESETS.items():
+        cfg.validate()
+        assert FINETUNE_PRESETS[name]["lr_grid"] == tuple(cfg.lrs)
+        assert FINETUNE_PRESETS[name]["epochs"] == cfg.epochs
+        assert FINETUNE_PRESETS[name]["scale_range"] == tuple(cfg.scale_range)
+    assert PRESETS["paper"].epochs == 80 and PRESETS["paper"].lrs == (1e-5, 5e-5, 1e-4)
+    assert preset_config("paper", epochs=3).epochs == 3 and PRESETS["paper"].epochs == 80
+    with pytest.raises(MadsegError, match="preset 'nope' unknown"):
+        preset_config("nope")
+    with pytest.raises(MadsegError, match="unknown setting"):
+        preset_config("demo", bogus=1)
+
+    from projects.cli import main
+
+    train_dir = _copy_labelled(tmp_path / "t", TRAIN_STEMS[:2])
+    rc = main(["finetune", "--model", "espnetv2", "--option", "scale=0.5", "--option", f"input_size={SIZE}",
+               "--train", str(train_dir), "--out", str(tmp_path / "o"), "--preset", "paper",
+               "--epochs", "1", "--lr", "1e-3", "--encoder-lr-mult", "0.1", "--no-progress",
+               "--device", "cpu"])
+    assert rc == 0
+    hp = read_sidecar(tmp_path / "o" / "model.pth")["hyperparameters"]
+    assert hp["epochs"] == 1 and hp["lrs"] == [1e-3] and hp["encoder_lr_mult"] == 0.1
+    assert hp["scale_range"] == list(PRESETS["paper"].scale_range)
