@@ -23,6 +23,8 @@ from ml_backend.shared import shared_dir
 from tests.security_servers import TestServer
 from tests.test_backend_security_units import png_bomb
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
 SEG = segmentation_config(VOC_CLASSES)
 API_KEY = "ls-api-key-never-leaves"
 SETUP_TOKEN = "token-label-studio-sent-to-setup"
