@@ -158,3 +158,18 @@ def test_parse_class_map_is_pure() -> None:
     cmap = parse_class_map({"map": {"a": "person"}}, "inline", "inline")
     assert cmap.name == "inline" and cmap.target_classes == VOC_CLASSES
     assert cmap.digest(cmap.resolve(["a", "b"])) != cmap.digest(np.array([-1, 15]))
+
+
+def test_name_order_warning(caplog: pytest.LogCaptureFixture) -> None:
+    ade = read_class_map("ade20k-voc")
+    assert ade.source_classes is not None
+    names = list(ade.source_classes)
+    names[7] = "bed "  # the Hugging Face id2label spelling: still the same class
+    names[8] = "windowpane, window"
+    with caplog.at_level("WARNING"):
+        ade.resolve(names)
+    assert not caplog.records
+    names[0], names[1] = names[1], names[0]  # another order: warned
+    with caplog.at_level("WARNING"):
+        ade.resolve(names)
+    assert "2 of the model's class names differ" in caplog.text and "class 0: model 'building'" in caplog.text

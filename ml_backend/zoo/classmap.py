@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ from ..errors import ModelError
 from ..tomlfile import read_toml
 from .base import ModelSpec, SegmentationModel, TorchSegmentationModel
 from .hashing import make_version
+
+log = logging.getLogger(__name__)
 
 CLASSMAP_DIR = Path(__file__).resolve().parent / "classmaps"
 IGNORE_WORDS = ("ignore", "")
@@ -102,6 +105,14 @@ class ClassMap:
                 f"{where}: lists {len(self.source_classes)} source_classes but the model has {n} classes; "
                 "use the map made for this model"
             )
+        if self.source_classes is not None:
+            differ = [i for i, (a, b) in enumerate(zip(model_classes, self.source_classes, strict=True))
+                      if not _same_name(a, b, i)]
+            if differ:
+                i = differ[0]
+                log.warning("%s: %d of the model's class names differ from the map's source_classes "
+                            "(class %d: model %r, map %r); check that the model uses the map's class order",
+                            where, len(differ), i, model_classes[i], self.source_classes[i])
         lookup_lists = [self.source_classes] if self.source_classes is not None else []
         lookup_lists.append(tuple(model_classes))
         out = np.full(n, -1, np.int64)
@@ -137,6 +148,15 @@ class ClassMap:
         """SHA-256 of the resolved table and the target classes (what changes the predictions)."""
         blob = json.dumps({"table": table.tolist(), "target": list(self.target_classes)})
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _same_name(model_name: str, map_name: str, index: int) -> bool:
+    """Loose name equality (case, spaces, ``a, b`` synonyms, ``_``/``-``); generic names always match."""
+    def norm(n: str) -> str:
+        return n.strip().lower().split(",")[0].strip().replace("_", " ").replace("-", " ")
+
+    generic = norm(model_name) in (f"class {index}", f"label {index}", str(index))
+    return generic or norm(model_name) == norm(map_name)
 
 
 def _target_classes(value: Any, where: str) -> tuple[str, ...]:
