@@ -554,7 +554,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     for k in classes:
         lines.append(k.ljust(width) + "  " + "  ".join(
             str(counts[c].get(k, 0)).rjust(w) for c, w in zip(comps, cw, strict=True)))
-    lines.append(f"|M| = {summary['selected']}; chosen by several problems: {summary['chosen_by_several']}")
+    m = summary.get("m_size", summary["selected"])
+    rated = f" (the first {summary['selected']} go to the raters)" if m != summary["selected"] else ""
+    lines.append(f"|M| = {m}{rated}; chosen by several problems: {summary['chosen_by_several']}")
+    if summary.get("bounds_rule"):
+        counts = summary["bounds_rule"]["counts"]
+        lines.append(f"size bounds ({summary['bounds_rule']['rule']}): "
+                     + ", ".join(f"{n} classes from {k}" for k, n in counts.items() if n)
+                     + (f"; n3 = {summary['n3']}" if summary.get("n3") is not None else ""))
     return "\n".join(lines)
 
 
