@@ -377,7 +377,7 @@ def _open(checked: CheckedUrl, timeout: float) -> tuple[http.client.HTTPConnecti
         sock = raw
         conn = http.client.HTTPConnection(checked.origin.host, checked.origin.port)
     conn.sock = sock
-    return conn, raw
+    return conn, sock  # for TLS the SSL socket owns the descriptor (``raw`` is detached)
 
 
 def fetch(

@@ -292,3 +292,50 @@ def test_http_errors_name_the_url_without_its_query(servers) -> None:
         fetch(f"{ls.url}/gone.png?token=topsecret", UrlPolicy.build(ls.url), deadline=Deadline(5),
               max_bytes=1 << 20)
     assert info.value.status == 404 and "topsecret" not in str(info.value) and "/gone.png" in str(info.value)
+
+
+def _self_signed(tmp_path, name: str):
+    """A certificate for ``name`` (and 127.0.0.1) and its key, made with ``cryptography``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_is_pinned_to_the_checked_address_and_verifies_the_name(servers, tmp_path, monkeypatch) -> None:
+    """TLS to the pinned address still checks the certificate against the URL's host name."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path, "ls.test")
+    ls = servers({"/a.png": lambda r: (200, {}, PNG)})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ls.httpd.socket = ctx.wrap_socket(ls.httpd.socket, server_side=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    resolve = _resolver({"ls.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    url = f"https://ls.test:{ls.port}/a.png"
+    policy = UrlPolicy.build(url, resolver=resolve)
+    assert fetch(url, policy, deadline=Deadline(10), max_bytes=1 << 20).data == PNG  # positive control
+    other = f"https://other.test:{ls.port}/a.png"  # same address, a name the certificate does not carry
+    with pytest.raises(FetchError, match="cannot connect"):
+        fetch(other, UrlPolicy.build(other, resolver=resolve), deadline=Deadline(10), max_bytes=1 << 20)
