@@ -173,3 +173,23 @@ def test_name_order_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING"):
         ade.resolve(names)
     assert "2 of the model's class names differ" in caplog.text and "class 0: model 'building'" in caplog.text
+
+
+def test_mapped_checkpoint_round_trip(tmp_path: Path) -> None:
+    """What fine-tuning does with a mapped torch model: save checkpoint_state(), reload with the spec."""
+    swap = _write(tmp_path / "swap.toml",
+                  '[map]\nbackground = "background"\nperson = "cat"\ncat = "person"\n')
+    mapped = load_model("espnetv2", ESP, device="cpu", class_map=str(swap))
+    state = mapped.checkpoint_state()
+    key = "bu_dec_l4.merge_layer.3.bias"
+    state[key] = state[key] + 0.5  # "trained"
+    ckpt = tmp_path / "tuned.pth"
+    torch.save(state, ckpt)
+    tuned = load_model(mapped.spec.name, ckpt, **dict(mapped.spec.options))
+    assert tuned.class_names == VOC_CLASSES and tuned.version != mapped.version
+    assert torch.equal(tuned.checkpoint_state()[key], state[key])
+    x = torch.randn(1, 3, 256, 256)
+    p = tuned.forward(x)
+    assert torch.allclose(p.sum(1), torch.ones(1, 256, 256), atol=1e-5)
+    only_three = {VOC["background"], VOC["person"], VOC["cat"]}
+    assert set(p.argmax(1).unique().tolist()) <= only_three  # unmapped VOC classes get (almost) no mass
