@@ -19,9 +19,9 @@ from ml_backend.errors import MadsegError
 from ml_backend.experiment_settings import SETTINGS_ENV, ExperimentSettings
 
 from .experiment import ExperimentConfig, load_experiment
+from .layout import ExperimentLayout
 
 EXPERIMENT_ENV = "MADSEG_EXPERIMENT"
-SETTINGS_FILE = "backend-settings.json"
 
 
 def pool_dirs(exp: ExperimentConfig) -> list[Path]:
@@ -60,7 +60,8 @@ def backend_settings(exp: ExperimentConfig) -> ExperimentSettings:
 
 def write_backend_settings(exp: ExperimentConfig, path: str | Path | None = None) -> Path:
     """Write :func:`backend_settings` (default ``<experiment dir>/backend-settings.json``, atomic)."""
-    return backend_settings(exp).write(path if path is not None else Path(exp.dir) / SETTINGS_FILE)
+    default = ExperimentLayout.of(exp.dir).backend_settings
+    return backend_settings(exp).write(path if path is not None else default)
 
 
 def prepare_backend_env(env: MutableMapping[str, str]) -> Path | None:
@@ -76,7 +77,8 @@ def prepare_backend_env(env: MutableMapping[str, str]) -> Path | None:
     except OSError as exc:
         raise MadsegError(
             f"{EXPERIMENT_ENV}={exp_file}: cannot write the backend's settings to "
-            f"{Path(exp.dir) / SETTINGS_FILE} ({exc.strerror or exc}); make the experiment dir writable"
+            f"{ExperimentLayout.of(exp.dir).backend_settings} ({exc.strerror or exc}); "
+            "make the experiment dir writable"
         ) from None
     env[SETTINGS_ENV] = str(path)
     return path

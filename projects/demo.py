@@ -14,7 +14,7 @@
    (``<dir>/backend/current.json``; a rejected version is kept and listed, never served); it
    does not fine-tune on annotations (``MADSEG_TRAIN_ON_ANNOTATION=0``): the rounds do that
    in-process.
-4. ``projects.rounds.run_experiment`` runs rounds 1..``--rounds`` (default 2) with the simulated
+4. ``projects.pipeline.run_experiment`` runs rounds 1..``--rounds`` (default 2) with the simulated
    raters/annotators (``--no-oracle``: people do it and the demo waits), the entropy baseline and
    the LwF variant after round 1, the evaluation pass and the report.
 5. It prints the report's path, the wall time of every stage, and how to open Label Studio; then
@@ -41,6 +41,8 @@ from typing import Any
 
 from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.errors import MadsegError
+
+from .layout import ExperimentLayout
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "demo.toml"
 BACKEND_START_TIMEOUT_S = 120.0
@@ -140,7 +142,7 @@ def start_backend(exp_dir: Path, config_file: Path, port: int, ls_url: str, toke
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update({
         "MADSEG_EXPERIMENT": str(config_file),
-        "MADSEG_MODEL_DIR": str(exp_dir / "backend"),
+        "MADSEG_MODEL_DIR": str(ExperimentLayout.of(exp_dir).model_dir),
         "MADSEG_TRAIN_ON_ANNOTATION": "0",
         "MADSEG_BACKEND_HOST": "127.0.0.1",
         "MADSEG_BACKEND_PORT": str(port),
@@ -149,7 +151,7 @@ def start_backend(exp_dir: Path, config_file: Path, port: int, ls_url: str, toke
         "LABEL_STUDIO_API_KEY": token,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
     })
-    log = exp_dir / "backend.log"
+    log = ExperimentLayout.of(exp_dir).backend_log
     fh = open(log, "ab")  # noqa: SIM115 - owned by the child
     madseg = _bin("madseg")
     proc = subprocess.Popen([madseg, "backend"], env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -168,7 +170,7 @@ def servers(exp: Any, exp_dir: Path, config_file: Path, port: int, backend_port:
     """Label Studio + ML backend for the demo; stopped on exit unless ``keep_running``."""
     from .ls_local import start_local_label_studio
 
-    ls_dir = exp_dir / "label-studio"
+    ls_dir = ExperimentLayout.of(exp_dir).label_studio
     creds = credentials(ls_dir)
     doc_root = exp.document_root()
     port = int(exp.label_studio.url.rsplit(":", 1)[1].split("/")[0])
@@ -235,7 +237,7 @@ def stage_table(exp_dir: Path) -> str:
 def run_demo(args: argparse.Namespace, options: Any) -> int:
     """The ``madseg demo`` command (see the module docstring)."""
     from .experiment import load_experiment
-    from .rounds import run_experiment
+    from .pipeline import run_experiment
     from .state import experiment_lock
 
     config = Path(args.config).resolve() if args.config else TEMPLATE
@@ -253,22 +255,23 @@ def run_demo(args: argparse.Namespace, options: Any) -> int:
     # before starting anything: every model loads and predicts the experiment's classes
     require_preflight(exp, "the demo's models", label_studio=False, device=options.device)
     with experiment_lock(exp.dir):
-        config_copy = exp.dir / "experiment.toml"
+        layout = ExperimentLayout.of(exp.dir)
+        config_copy = layout.config_copy
         atomic_write_text(config_copy, _toml_with_overrides(config.read_text(), overrides, exp))
         with servers(exp, exp.dir, config_copy, args.port, args.backend_port, args.keep_running) as srv:
             # what the demo started: Label Studio accepts the token, the backend answers
             require_preflight(exp, "the demo's servers", models=False,
                               backend_url=exp.label_studio.backend_url)
             options.backend_url = exp.label_studio.backend_url
-            options.model_dir = exp.dir / "backend"
+            options.model_dir = layout.model_dir
             results = run_experiment(exp, rounds, options, baseline=args.baseline)
             creds = srv["credentials"]
             print()
             print(f"madseg demo: {rounds} round(s) done in {time.monotonic() - t0:.0f} s (this run)")
             print(f"  report:       {results.get('report')}")
-            print(f"  results:      {exp.dir / 'results.json'}")
+            print(f"  results:      {layout.results}")
             print(f"  Label Studio: {exp.label_studio.url}  (user {creds['username']}, password "
-                  f"{creds['password']}; also in {exp.dir / 'label-studio' / 'credentials.json'})")
+                  f"{creds['password']}; also in {layout.label_studio / 'credentials.json'})")
             if not args.keep_running:
                 print("  (the servers stop now; re-run with --keep-running to browse the projects; "
                       "re-running resumes and only starts the servers)")

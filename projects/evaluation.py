@@ -23,7 +23,9 @@ of round i (target f(i-1)), so it evaluates f(0..i-1) and the competitors withou
 "after fine-tuning" (S(i) and T(i) are disjoint). :func:`table_rows` flags each cell with
 ``drawn_against`` so the report can say so.
 
-Only ``ml_backend`` is imported at module level; models are loaded one at a time.
+Only ``ml_backend`` and the experiment layout (``projects.layout``, paths only) are imported at module
+level; models are loaded one at a time. Every path comes from the experiment's
+:class:`projects.layout.ExperimentLayout`; nothing here knows the round runner.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +45,11 @@ from ml_backend.atomic import atomic_write_bytes
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
+
+from .layout import ExperimentLayout, RoundLayout, round_dir
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +371,7 @@ def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
 def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
     """Human effort of the experiment's rounds from their state: ratings and masks (finished
     annotations, annotators, summed ``lead_time``) per round and in total."""
-    from .state import RoundState, round_dir
+    from .state import RoundState
 
     per_round = []
     total = {"ratings": 0, "masks": 0, "lead_time_s": 0.0}
@@ -380,7 +387,7 @@ def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
             if eff is None:  # state from before effort was recorded: counts only
                 if stage == "ratings":
                     try:
-                        raw = json.loads((round_dir(exp_dir, i) / "ratings.json").read_text())["raw"] or []
+                        raw = json.loads(RoundLayout(round_dir(exp_dir, i)).ratings.read_text())["raw"] or []
                     except (OSError, ValueError, KeyError, TypeError):
                         raw = []
                     eff = {"annotations": len(raw), "lead_time_s": None}
@@ -454,54 +461,53 @@ def _round_info(plan_root: Path, number: int) -> dict[str, Any] | None:
     return st if st.done("choose") else None
 
 
-def experiment_test_sets(runner: Any, rounds: int, *, final_eval: bool) -> list[TestSet]:
+def experiment_test_sets(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int, *,
+                         final_eval: bool) -> list[TestSet]:
     """T(0) and T(1..rounds[+1]) that exist (labels exported), in order."""
-    from .state import RoundState, round_dir
+    from .state import RoundState
 
-    exp = runner.exp
     sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0, "fixed test set (voc_samples half)")]
     last = rounds + (1 if final_eval else 0)
     for i in range(1, last + 1):
-        st = RoundState.load(exp.dir, i)
+        st = RoundState.load(layout.root, i)
         if not st.done("masks"):
             continue
         stems = st.outputs("masks")["T_stems"]
-        against = _plan_target_key(round_dir(exp.dir, i)) or f"f({i - 1})"
+        against = _plan_target_key(layout.round(i)) or f"f({i - 1})"
         note = f"drawn from M({i}) (target {against})"
         if i == rounds + 1:
             note += f"; evaluation pass after the last round, to evaluate f({rounds}) too"
         if stems:
-            sets.append(TestSet(f"T({i})", tuple(labelled_pairs(round_dir(exp.dir, i) / "labels", stems)), i,
+            sets.append(TestSet(f"T({i})", tuple(labelled_pairs(layout.round(i).labels, stems)), i,
                                 note, against))
-    cmp_st = RoundState.load(exp.dir / "baseline-compare", 1)
+    cmp_st = RoundState.load(layout.compare_root, 1)
     if cmp_st.done("masks") and cmp_st.outputs("masks")["T_stems"]:
         sets.append(TestSet("T(MAD vs entropy)", tuple(labelled_pairs(
-            round_dir(exp.dir / "baseline-compare", 1) / "labels", cmp_st.outputs("masks")["T_stems"])), 0,
+            layout.compare_round().labels, cmp_st.outputs("masks")["T_stems"])), 0,
             "MAD test set drawn between f_MAD(1) and f_entropy"))
     return sets
 
 
-def _train_stems(rd: Path) -> list[str]:
+def _train_stems(rd: RoundLayout) -> list[str]:
     """File stems of a round's training folder (``<round>/train/masks``)."""
-    return sorted(p.stem for p in (rd / "train" / "masks").glob("*.png"))
+    return sorted(p.stem for p in (rd.train / "masks").glob("*.png"))
 
 
-def _plan_target_key(rd: Path) -> str:
+def _plan_target_key(rd: RoundLayout) -> str:
     """The target key a round ran with (its ``plan.json``), "" when unknown."""
     try:
-        return str(json.loads((rd / "plan.json").read_text()).get("target_key") or "")
+        return str(json.loads(rd.plan.read_text()).get("target_key") or "")
     except (OSError, ValueError, AttributeError):
         return ""
 
 
-def experiment_models(runner: Any, rounds: int) -> list[ModelEntry]:
+def experiment_models(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int) -> list[ModelEntry]:
     """f(0..rounds), the competitors, and (when present) the LwF variant and f_entropy."""
     from .state import RoundState
 
-    exp = runner.exp
     out = [ModelEntry("f(0)", exp.target.spec(), "target", 0, f"f(0) = {exp.target.key}")]
     for i in range(1, rounds + 1):
-        st = RoundState.load(exp.dir, i)
+        st = RoundState.load(layout.root, i)
         if not st.done("finetune"):
             break
         ft = st.outputs("finetune")
@@ -509,7 +515,7 @@ def experiment_models(runner: Any, rounds: int) -> list[ModelEntry]:
         if i == 1 and ft.get("lwf"):
             out.append(ModelEntry("f(1) LwF", ft["lwf"]["spec"], "variant", 1,
                                   "f(1) fine-tuned with LwF, no replay"))
-    ent = RoundState.load(exp.dir / "baseline-entropy", 1)
+    ent = RoundState.load(layout.entropy_root, 1)
     if ent.done("finetune"):
         out.append(ModelEntry("f_entropy", ent.outputs("finetune")["spec"], "baseline", 1,
                               "fine-tuned on the top-entropy images (same budget)"))
@@ -550,51 +556,47 @@ def _predict_to(model_spec: Mapping[str, Any], pairs: Sequence[tuple[Path, Path]
     return paths
 
 
-def _galleries(runner: Any, models: list[ModelEntry], sets: list[TestSet], n: int = 8) -> dict[str, Any]:
+def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[TestSet],
+               device: str | None, n: int = 8) -> dict[str, Any]:
     from sampler.candidates import read_candidates
 
-    from .state import RoundState, round_dir
+    from .state import RoundState
 
-    exp = runner.exp
-    base = exp.dir
     out: dict[str, Any] = {"candidates": [], "lowest_rated": [], "before_after": []}
-    st1 = RoundState.load(exp.dir, 1)
+    st1 = RoundState.load(layout.root, 1)
+    rd = layout.round(1)
     if st1.done("predict"):
-        rd = round_dir(exp.dir, 1)
-        cands = read_candidates(rd / "candidates.jsonl")[:n]
+        cands = read_candidates(rd.candidates)[:n]
         score = st1.outputs("score")
-        comp_maps = {key: _write_store_maps(runner.store_dir, v, [c.id for c in cands],
-                                            base / "report-assets" / key)
+        comp_maps = {key: _write_store_maps(layout.store, v, [c.id for c in cands],
+                                            layout.report_assets / key)
                      for key, v in score["competitor_versions"].items()}
         for c in cands:
             sel = c.selections[0].to_dict() if c.selections else {}
             panels = [{"title": "photo", "mask": None},
-                      {"title": "target f(0)", "mask": str(rd / "pred" / f"{c.id}.png")}]
+                      {"title": "target f(0)", "mask": str(rd.pred_mask(c.id))}]
             panels += [{"title": key, "mask": maps.get(c.id)} for key, maps in comp_maps.items()]
             out["candidates"].append({
                 "image": c.path, "image_id": c.id,
                 "caption": f"{sel.get('class', '')} vs {sel.get('competitor', '')} "
                            f"(d = {sel.get('distance', 0):.2f})", "panels": panels})
     if st1.done("choose"):
-        rd = round_dir(exp.dir, 1)
-        ratings = json.loads((rd / "ratings.json").read_text())
-        cands = {c.id: c for c in read_candidates(rd / "candidates.jsonl")}
+        ratings = json.loads(rd.ratings.read_text())
+        cands = {c.id: c for c in read_candidates(rd.candidates)}
         for iid in st1.outputs("choose")["S"][:n]:
             mos = ratings["mos"].get(iid)
             out["lowest_rated"].append({
                 "image": cands[iid].path, "image_id": iid, "caption": f"MOS {mos:.2f}" if mos else "",
                 "panels": [{"title": "photo", "mask": None},
-                           {"title": "target f(0)", "mask": str(rd / "pred" / f"{iid}.png")}]})
+                           {"title": "target f(0)", "mask": str(rd.pred_mask(iid))}]})
     targets = [m for m in models if m.role == "target"]
     t_sets = [ts for ts in sets if ts.drawn_round >= 1]
     if len(targets) >= 2 and t_sets:
         ts = t_sets[-1]
         pairs = list(ts.pairs)[:n]
         first, last = targets[0], targets[-1]
-        pa = _predict_to(first.spec, pairs, base / "report-assets" / "before" / ts.name.strip("()T"),
-                         runner.options.device)
-        pb = _predict_to(last.spec, pairs, base / "report-assets" / "after" / ts.name.strip("()T"),
-                         runner.options.device)
+        pa = _predict_to(first.spec, pairs, layout.report_assets / "before" / ts.name.strip("()T"), device)
+        pb = _predict_to(last.spec, pairs, layout.report_assets / "after" / ts.name.strip("()T"), device)
         for (img, mask), a, b in zip(pairs, pa, pb, strict=True):
             out["before_after"].append({
                 "image": str(img), "image_id": Path(img).stem, "caption": f"{ts.name}",
@@ -605,32 +607,34 @@ def _galleries(runner: Any, models: list[ModelEntry], sets: list[TestSet], n: in
 
 
 def evaluate_experiment(
-    runner: Any, rounds: int, *, final_eval: bool = True, baseline: bool = True
+    exp: ExperimentConfig, layout: ExperimentLayout, rounds: int, *, final_eval: bool = True,
+    baseline: bool = True, device: str | None = None, simulated_raters: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate every model on every test set of the experiment and write ``results.json``
-    (the structure :mod:`projects.report` renders). Returns the results dict."""
+    """Evaluate every model on every test set of the experiment in ``layout`` and write
+    ``results.json`` (the structure :mod:`projects.report` renders). ``device``: torch device of
+    the evaluation; ``simulated_raters``: the oracle played the raters (shown in the settings).
+    Returns the results dict."""
     from ml_backend.atomic import atomic_write_json
     from ml_backend.gate import GateCriteria
     from sampler.candidates import read_candidates
 
     from .report import count_failures, stage_times
-    from .state import RoundState, round_dir
+    from .state import RoundState, served_round
 
-    exp = runner.exp
-    sets = experiment_test_sets(runner, rounds, final_eval=final_eval)
-    models = experiment_models(runner, rounds)
-    ev = evaluate_models(models, sets, exp.num_classes, exp.dir / "eval", device=runner.options.device)
+    sets = experiment_test_sets(exp, layout, rounds, final_eval=final_eval)
+    models = experiment_models(exp, layout, rounds)
+    ev = evaluate_models(models, sets, exp.num_classes, layout.eval_cache, device=device)
 
     round_rows = []
     image_classes: dict[str, list[str]] = {}
     groups: dict[str, list[str]] = {}
-    for root, label in [(exp.dir, "round"), (exp.dir / "baseline-entropy", "entropy"),
-                        (exp.dir / "baseline-compare", "compare")]:
+    for root, label in layout.round_roots():
         i = 1
-        while (round_dir(root, i) / "state.json").exists():
+        while RoundLayout(round_dir(root, i)).state.exists():
             st = RoundState.load(root, i)
+            rl = RoundLayout(round_dir(root, i))
             row: dict[str, Any] = {"round": f"{label} {i}"}
-            plan_file = round_dir(root, i) / "plan.json"
+            plan_file = rl.plan
             if plan_file.exists():
                 plan = json.loads(plan_file.read_text())
                 row["kind"] = plan["kind"]
@@ -647,7 +651,7 @@ def evaluate_experiment(
                 if so.get("rating_budget"):
                     row["rated of M"] = f"{so.get('n_candidates')} of {so.get('m_size')}"
                 if label == "round":
-                    cands = read_candidates(round_dir(root, i) / "candidates.jsonl")
+                    cands = read_candidates(rl.candidates)
                     for c in cands:
                         image_classes.setdefault(c.id, sorted({s.cls for s in c.selections}))
                     groups[f"M({i})"] = [c.id for c in cands]
@@ -668,19 +672,18 @@ def evaluate_experiment(
             round_rows.append(row)
             i += 1
 
-    gates = gate_verdicts(exp.dir, rounds)
+    gates = gate_verdicts(layout.root, rounds)
     t1 = table1(ev, exp.classes)
     for row in t1["rows"]:
         if row["key"] in gates:
             row["gate"] = gates[row["key"]]
         elif row["key"] == "f(0)":
             row["gate"] = {"status": "start", "reasons": ["the configured target, served before any round"]}
-    finished = [i for i in range(1, rounds + 1) if RoundState.load(exp.dir, i).done("finetune")]
-    served = runner.target_key(finished[-1]) if finished else "f(0)"
-    train_stems = {f"f({i})": _train_stems(round_dir(exp.dir, i))
-                   for i in finished}
+    finished = [i for i in range(1, rounds + 1) if RoundState.load(layout.root, i).done("finetune")]
+    served = f"f({served_round(layout.root, finished[-1])})" if finished else "f(0)"
+    train_stems = {f"f({i})": _train_stems(layout.round(i)) for i in finished}
     help_panel = round_help(ev, train_stems, served, criteria=GateCriteria(seed=exp.seed))
-    help_panel["effort"] = experiment_effort(exp.dir, range(1, rounds + 2))
+    help_panel["effort"] = experiment_effort(layout.root, range(1, rounds + 2))
     help_panel["gates"] = gates
     results: dict[str, Any] = {
         "experiment": exp.name,
@@ -695,7 +698,7 @@ def evaluate_experiment(
             "fine-tune preset": exp.finetune.preset, "epochs": exp.finetune.epochs,
             "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lr_grid),
             "S(0) replay": exp.finetune.replay,
-            "raters": "simulated (oracle)" if runner.use_oracle else "people",
+            "raters": "simulated (oracle)" if simulated_raters else "people",
             "evaluation pass": (f"T({rounds + 1}) is drawn from M({rounds + 1}) after the last round to "
                                 f"evaluate f({rounds}) as well; it trains nothing") if final_eval else "no",
         },
@@ -704,7 +707,7 @@ def evaluate_experiment(
         "help": help_panel,
         "failures": count_failures(image_classes, groups) if groups else None,
         "srcc": ranking_curves(ev),
-        "stages": stage_times(exp.dir),
+        "stages": stage_times(layout.root),
     }
     keys = {m.key for m in models}
     if baseline and "f_entropy" in keys and "f(1)" in keys:
@@ -713,7 +716,7 @@ def evaluate_experiment(
         for method, key in (("MAD", "f(1)"), ("entropy", "f_entropy"), ("none (before fine-tuning)", "f(0)")):
             rows.append({"method": method, "model": key,
                          "values": {c: float(ev.miou(key, c)) for c in cols if (key, c) in ev.confusions}})
-        ent = RoundState.load(exp.dir / "baseline-entropy", 1)
+        ent = RoundState.load(layout.entropy_root, 1)
         n_ent = len(ent.outputs("choose")["S"]) if ent.done("choose") else None
         results["baseline"] = {
             "test_set": "T(MAD vs entropy): MAD candidates between f_MAD(1) and f_entropy, test-set rules",
@@ -722,17 +725,9 @@ def evaluate_experiment(
                     "(the raters' out-of-domain flags were applied to both methods)",
         }
     try:
-        results["galleries"] = _galleries(runner, models, sets)
+        results["galleries"] = _galleries(layout, models, sets, device)
     except MadsegError as exc:
         log.warning("galleries skipped: %s", exc)
     results["markdown_table1"] = markdown_table(ev, marks={k: g["status"] for k, g in gates.items()})
-    atomic_write_json(exp.dir / "results.json", jsonable(results))
+    atomic_write_json(layout.results, jsonable(results))
     return results
-
-
-def render_report(exp_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
-    """Render ``<exp_dir>/report/report.html`` (+ report.json) from the results; returns the HTML path."""
-    from .report import render_report as _render
-
-    files = _render(results, Path(exp_dir) / "report", base_dir=exp_dir)
-    return Path(files.html)

@@ -69,9 +69,11 @@ from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 
+from .layout import RESULTS_FILE as RESULTS_FILE  # re-exported: the file the report reads
+from .layout import ROUND_PREFIX, STATE_FILE
+
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 #: Gallery keys rendered first, in this order, with these titles (other keys follow).
@@ -913,10 +915,10 @@ def stage_times(exp_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     out = []
 
     def order(p: Path) -> tuple[str, int]:
-        num = p.parent.name[len("round-") :]
+        num = p.parent.name[len(ROUND_PREFIX) :]
         return (str(p.parent.parent), int(num) if num.isdigit() else -1)
 
-    for st_file in sorted(exp_dir.glob("**/round-*/state.json"), key=order):
+    for st_file in sorted(exp_dir.glob(f"**/{ROUND_PREFIX}*/{STATE_FILE}"), key=order):
         try:
             data = json.loads(st_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):

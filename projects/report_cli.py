@@ -25,17 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ml_backend.errors import MadsegError
-    from projects.report import RESULTS_FILE, load_results, render_report, stage_times
+    from projects.layout import ExperimentLayout
+    from projects.report import load_results, render_report, stage_times
 
     exp_dir: Path = args.experiment
     if not exp_dir.is_dir():
         raise MadsegError(f"{exp_dir}: experiment dir does not exist; pass the experiment's `dir`")
     if args.max_gallery < 0 or args.thumb_height < 16:
         raise MadsegError("--max-gallery must be >= 0 and --thumb-height >= 16")
-    results = load_results(exp_dir / RESULTS_FILE)
+    layout = ExperimentLayout.of(exp_dir)
+    results = load_results(layout.results)
     if not results.get("stages"):
         results["stages"] = stage_times(exp_dir)
-    files = render_report(results, args.out or (exp_dir / "report"), base_dir=exp_dir,
+    files = render_report(results, args.out or layout.report, base_dir=exp_dir,
                           max_gallery=args.max_gallery, thumb_height=args.thumb_height)
     print(f"report: {files.html.resolve()}")
     print(f"numbers: {files.json.resolve()}")

@@ -83,7 +83,9 @@ def _options(args: argparse.Namespace, **extra: Any) -> Any:
 
 def _round(args: argparse.Namespace) -> int:
     from .experiment import load_experiment
-    from .rounds import RoundRunner, run_experiment
+    from .layout import ExperimentLayout
+    from .pipeline import report_finished_rounds, run_experiment
+    from .rounds import RoundRunner
     from .state import experiment_lock
 
     exp = load_experiment(args.config, preset="paper" if args.paper else None)
@@ -91,13 +93,8 @@ def _round(args: argparse.Namespace) -> int:
     _preflight(exp, args, services=not args.report)
     with experiment_lock(exp.dir):
         if args.report:
-            from .evaluation import evaluate_experiment, render_report
-            from .rounds import completed_rounds
-
-            runner = RoundRunner(exp, opts)
-            done = completed_rounds(exp.dir)
-            results = evaluate_experiment(runner, len(done), final_eval=True, baseline=args.baseline)
-            print(f"report: {render_report(exp.dir, results)}")
+            results = report_finished_rounds(exp, opts, baseline=args.baseline)
+            print(f"report: {results['report']}")
             return 0
         if args.round is not None:
             runner = RoundRunner(exp, opts)
@@ -110,7 +107,7 @@ def _round(args: argparse.Namespace) -> int:
             print(f"round {args.round}: done stages {', '.join(st.done_stages())} ({st.path})")
             return 0
         results = run_experiment(exp, args.rounds or 1, opts, baseline=args.baseline)
-    print(f"results: {exp.dir / 'results.json'}")
+    print(f"results: {ExperimentLayout.of(exp.dir).results}")
     if results.get("report"):
         print(f"report:  {results['report']}")
     return 0

@@ -38,6 +38,10 @@ the last round (draws T(r+1) to evaluate f(r); no S, no fine-tune), the entropy 
 paper's Appendix A (entropy instead of MAD, the same budget n4, its own fine-tune f_entropy) and
 the comparison round (a MAD test set drawn between f_MAD(1) and f_entropy).
 
+The evaluation and the report after the rounds are not this module's business: ``projects.pipeline``
+runs the rounds, then ``projects.evaluation``, then ``projects.report``; all paths come from
+``projects.layout``.
+
 Fine-tuning runs in-process (``ml_backend.finetune``) so rounds are deterministic and resumable;
 the demo starts its ML backend with ``MADSEG_TRAIN_ON_ANNOTATION=0`` so the backend serves
 predictions but does not train on the oracle's annotations.
@@ -52,7 +56,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +65,9 @@ from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 from sampler.candidates import Candidate, read_candidates
 
-from .experiment import ExperimentConfig, ModelConfig
-from .state import RoundState, round_dir
+from .experiment import ExperimentConfig
+from .layout import ExperimentLayout, RoundLayout, round_dir
+from .state import RoundState, served_round
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,11 @@ class RoundPlan:
     @property
     def dir(self) -> Path:
         return round_dir(self.root, self.number)
+
+    @property
+    def files(self) -> RoundLayout:
+        """The round folder's files (``projects.layout.RoundLayout``)."""
+        return RoundLayout(self.dir)
 
 
 def lowest_mos(mos: Mapping[str, float], n: int, exclude: Sequence[str] = (),
@@ -175,17 +185,22 @@ class RoundRunner:
 
     # -- paths ----------------------------------------------------------------------------------
     @property
+    def layout(self) -> ExperimentLayout:
+        """Every path of the experiment dir (``projects.layout``)."""
+        return ExperimentLayout.of(self.exp.dir, self.options.model_dir)
+
+    @property
     def exp_dir(self) -> Path:
         return self.exp.dir
 
     @property
     def store_dir(self) -> Path:
-        return self.exp_dir / "store"
+        return self.layout.store
 
     @property
     def model_dir(self) -> Path:
         """The ML backend's model dir (``current.json`` pointer + versions)."""
-        return self.options.model_dir or (self.exp_dir / "backend")
+        return self.layout.model_dir
 
     @property
     def use_oracle(self) -> bool:
@@ -201,15 +216,7 @@ class RoundRunner:
     def served_round(self, i: int) -> int:
         """The round whose model is served after round ``i``: ``i`` when the promotion gate promoted
         f(i), else the last promoted round before it (0 = the configured target f(0))."""
-        while i > 0:
-            st = RoundState.load(self.exp_dir, i)
-            if not st.done("finetune"):
-                raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
-                                  f"run `madseg round --round {i}` first")
-            if st.outputs("finetune").get("promoted", True):  # state files from before the gate
-                return i
-            i -= 1
-        return 0
+        return served_round(self.exp_dir, i)
 
     def finetuned_spec(self, i: int) -> dict[str, Any]:
         """The zoo spec of round i's fine-tuned f(i), promoted or not (f(0) for i = 0)."""
@@ -255,19 +262,19 @@ class RoundRunner:
     def entropy_plan(self) -> RoundPlan:
         """The Appendix-A baseline: round 1's budget n4 spent on the target's top-entropy images."""
         return RoundPlan(
-            kind="entropy", number=1, root=self.exp_dir / "baseline-entropy", target_key=self.target_key(0),
+            kind="entropy", number=1, root=self.layout.entropy_root, target_key=self.target_key(0),
             target=self.target_spec(0), competitors=self.competitor_specs(), n4=self.exp.selection.n4,
             test_size=0, finetune=True, title=f"{self.exp.name} entropy baseline",
         )
 
     def compare_plan(self) -> RoundPlan:
         """A MAD test set between f_MAD(1) (target) and f_entropy (competitor)."""
-        ent = RoundState.load(self.exp_dir / "baseline-entropy", 1)
+        ent = RoundState.load(self.layout.entropy_root, 1)
         if not ent.done("finetune"):
             raise MadsegError("the entropy baseline has not been fine-tuned yet; run it first")
         used = self.used_ids(1) | set(ent.outputs("choose")["S"])
         return RoundPlan(
-            kind="compare", number=1, root=self.exp_dir / "baseline-compare", target_key="f_MAD(1)",
+            kind="compare", number=1, root=self.layout.compare_root, target_key="f_MAD(1)",
             target=self.finetuned_spec(1), competitors={"f_entropy": dict(ent.outputs("finetune")["spec"])},
             n4=0, test_size=self.exp.selection.test_size, finetune=False,
             title=f"{self.exp.name} MAD vs entropy test", used=frozenset(used),
@@ -278,7 +285,7 @@ class RoundRunner:
         """Run every unfinished stage of ``plan`` in order (up to and including ``until``)."""
         st = RoundState.load(plan.root, plan.number)
         plan.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(plan.dir / "plan.json", _plan_json(plan))
+        atomic_write_json(plan.files.plan, _plan_json(plan))
         for stage in plan.stages:
             if st.done(stage):
                 log.info("%s %d: %s already done", plan.kind, plan.number, stage)
@@ -307,29 +314,29 @@ class RoundRunner:
         return self.services.select_mad(plan, scored)
 
     def _stage_predict(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        cands = read_candidates(plan.dir / "candidates.jsonl")
-        return self.services.predict_candidates(plan, cands, plan.dir / "pred")
+        cands = read_candidates(plan.files.candidates)
+        return self.services.predict_candidates(plan, cands, plan.files.pred)
 
     def _stage_projects(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         return self.services.ensure_projects(plan)
 
     def _stage_push_rating(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        cands = read_candidates(plan.dir / "candidates.jsonl")
+        cands = read_candidates(plan.files.candidates)
         pid = int(st.outputs("projects")["rating"])
-        return self.services.push_rating(plan, pid, cands, plan.dir / "pred")
+        return self.services.push_rating(plan, pid, cands, plan.files.pred)
 
     def _stage_ratings(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        cands = read_candidates(plan.dir / "candidates.jsonl")
+        cands = read_candidates(plan.files.candidates)
         pid = int(st.outputs("projects")["rating"])
-        ratings = self.services.wait_ratings(plan, pid, cands, plan.dir / "pred", oracle=self.use_oracle)
-        atomic_write_json(plan.dir / "ratings.json", ratings)
-        return {"ratings": "ratings.json", "n_rated": len(ratings["mos"]),
+        ratings = self.services.wait_ratings(plan, pid, cands, plan.files.pred, oracle=self.use_oracle)
+        atomic_write_json(plan.files.ratings, ratings)
+        return {"ratings": plan.files.ratings.name, "n_rated": len(ratings["mos"]),
                 "n_ood": sum(1 for v in ratings["ood"].values() if v),
                 "effort": self.services.effort(pid, simulated=self.use_oracle)}
 
     def _stage_choose(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        ratings = json.loads((plan.dir / "ratings.json").read_text())
-        cands = read_candidates(plan.dir / "candidates.jsonl")
+        ratings = json.loads(plan.files.ratings.read_text())
+        cands = read_candidates(plan.files.candidates)
         mos = {k: (float("inf") if v is None else float(v)) for k, v in ratings["mos"].items()}
         ood = sorted(k for k, v in ratings["ood"].items() if v)
         if plan.kind == "entropy":
@@ -342,24 +349,24 @@ class RoundRunner:
         if plan.test_size:
             t_info = self.services.choose_test(plan, cands, ood=ood, used=set(plan.used) | set(s_ids))
         out = {"S": s_ids, "T": list(t_info["ids"]), "ood": ood, "test": t_info}
-        atomic_write_json(plan.dir / "selection.json", out)
+        atomic_write_json(plan.files.selection, out)
         return {"S": s_ids, "T": list(t_info["ids"]), "n_ood": len(ood)}
 
     def _stage_push_segmentation(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ch = st.outputs("choose")
-        cands = {c.id: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        cands = {c.id: c for c in read_candidates(plan.files.candidates)}
         ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
         pid = int(st.outputs("projects")["segmentation"])
         version = st.outputs("score")["target_version"]
-        return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], plan.dir / "pred",
+        return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], plan.files.pred,
                                                f"{plan.target_key} {version}")
 
     def _stage_masks(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
         ch = st.outputs("choose")
-        cands = {c.id: c for c in read_candidates(plan.dir / "candidates.jsonl")}
+        cands = {c.id: c for c in read_candidates(plan.files.candidates)}
         ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
         pid = int(st.outputs("projects")["segmentation"])
-        exported = self.services.wait_masks(plan, pid, [cands[k] for k in ids], plan.dir / "labels",
+        exported = self.services.wait_masks(plan, pid, [cands[k] for k in ids], plan.files.labels,
                                             oracle=self.use_oracle)
         # exported: image id -> file stem in labels/
         stems = {"S": [exported[k] for k in ch["S"] if k in exported],
@@ -368,18 +375,18 @@ class RoundRunner:
         if missing:
             raise MadsegError(f"segmentation project {pid}: no finished mask for {len(missing)} image(s) "
                               f"(e.g. {missing[:3]}); finish them in Label Studio and re-run")
-        atomic_write_json(plan.dir / "labels" / "sets.json", stems)
-        return {"labels": "labels", "S_stems": stems["S"], "T_stems": stems["T"],
+        atomic_write_json(plan.files.sets, stems)
+        return {"labels": plan.files.labels.name, "S_stems": stems["S"], "T_stems": stems["T"],
                 "effort": self.services.effort(pid, simulated=self.use_oracle)}
 
     def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        train_dir = plan.dir / "train"
+        train_dir = plan.files.train
         n_train = self._build_train_folder(plan, train_dir)
         if n_train == 0:
             raise MadsegError(f"{plan.kind} round {plan.number}: no image to fine-tune on (every candidate "
                               "was rated out of domain or no mask was exported); check the rating project or "
                               "enlarge the pool / n3, then re-run")
-        out = self.services.finetune(plan, train_dir, plan.dir / "finetune", lwf=False)
+        out = self.services.finetune(plan, train_dir, plan.files.finetune, lwf=False)
         if plan.kind == "mad":
             train_stems = {p.stem for p in (train_dir / "masks").glob("*.png")}
             gate = self.services.gate(plan, out["spec"], train_stems)
@@ -388,7 +395,7 @@ class RoundRunner:
             log.info("round %d: f(%d) %s by the promotion gate: %s", plan.number, plan.number,
                      gate["status"], "; ".join(gate["reasons"]))
         if plan.lwf_variant:
-            out["lwf"] = self.services.finetune(plan, train_dir, plan.dir / "finetune-lwf", lwf=True)
+            out["lwf"] = self.services.finetune(plan, train_dir, plan.files.finetune_lwf, lwf=True)
         return {**out, "n_train": n_train}
 
     def _build_train_folder(self, plan: RoundPlan, train_dir: Path) -> int:
@@ -396,12 +403,12 @@ class RoundRunner:
         sources: list[tuple[Path, str]] = []
         if plan.kind == "mad":
             for j in range(1, plan.number + 1):
-                rd = round_dir(plan.root, j)
-                sets = json.loads((rd / "labels" / "sets.json").read_text())
-                sources += [(rd / "labels", s) for s in sets["S"]]
+                rd = RoundLayout(round_dir(plan.root, j))
+                sets = json.loads(rd.sets.read_text())
+                sources += [(rd.labels, s) for s in sets["S"]]
         else:
-            sets = json.loads((plan.dir / "labels" / "sets.json").read_text())
-            sources += [(plan.dir / "labels", s) for s in sets["S"]]
+            sets = json.loads(plan.files.sets.read_text())
+            sources += [(plan.files.labels, s) for s in sets["S"]]
         if train_dir.exists():
             shutil.rmtree(train_dir)
         for sub in ("images", "masks"):
@@ -450,44 +457,6 @@ def completed_rounds(exp_dir: Path) -> list[int]:
         out.append(i)
         i += 1
     return out
-
-
-def run_experiment(
-    exp: ExperimentConfig,
-    rounds: int,
-    options: RunOptions | None = None,
-    *,
-    baseline: bool = True,
-    final_eval: bool = True,
-    report: bool = True,
-    on_stage: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run rounds 1..``rounds`` (resuming), the entropy baseline and its comparison (after round 1,
-    when ``[selection] baseline = "entropy"`` and ``baseline``), the evaluation pass (round
-    ``rounds + 1``, T only) and the evaluation + report. Returns the results dict."""
-    runner = RoundRunner(exp, options or RunOptions())
-    for i in range(1, rounds + 1):
-        runner.run(runner.mad_plan(i))
-        if i == 1 and baseline and exp.selection.baseline == "entropy":
-            runner.run(runner.entropy_plan())
-            runner.run(runner.compare_plan())
-    if final_eval:
-        runner.run(runner.mad_plan(rounds + 1, final_eval=True))
-    from .evaluation import evaluate_experiment, render_report
-
-    results = evaluate_experiment(runner, rounds, final_eval=final_eval, baseline=baseline)
-    if report:
-        results["report"] = str(render_report(exp.dir, results))
-    return results
-
-
-def with_options(exp: ExperimentConfig, **changes: Any) -> ExperimentConfig:
-    """A copy of ``exp`` with top-level fields replaced (e.g. ``dir=...``)."""
-    return replace(exp, **changes)
-
-
-def model_configs(exp: ExperimentConfig) -> list[ModelConfig]:
-    return list(exp.models)
 
 
 # ==============================================================================================
@@ -548,8 +517,8 @@ class Services:
                              s0_fractions=self.s0_fractions(), bounds_method=se.bounds_method,
                              min_count=se.min_count, order=se.order, budget=se.rating_budget,
                              exclude=plan.used, competitor_names=list(scored["competitor_versions"]))
-        write_candidates(plan.dir / "candidates.jsonl", sel.candidates)
-        return {"candidates": "candidates.jsonl", **sel.info()}
+        write_candidates(plan.files.candidates, sel.candidates)
+        return {"candidates": plan.files.candidates.name, **sel.info()}
 
     def select_entropy(self, plan: RoundPlan, scored: Mapping[str, Any], n: int) -> dict[str, Any]:
         """The ``n`` images with the largest mean entropy of ``plan.target`` (minus ``plan.used``)
@@ -558,8 +527,9 @@ class Services:
 
         inp = self._selection_inputs(scored).without(plan.used)
         cands = entropy_candidates(self.store_dir, n, inputs=inp)
-        write_candidates(plan.dir / "candidates.jsonl", cands)
-        return {"candidates": "candidates.jsonl", "n_candidates": len(cands), "pool_size": int(inp.ids.size)}
+        write_candidates(plan.files.candidates, cands)
+        return {"candidates": plan.files.candidates.name, "n_candidates": len(cands),
+                "pool_size": int(inp.ids.size)}
 
     def choose_test(self, plan: RoundPlan, cands: Sequence[Candidate], *, ood: Sequence[str],
                     used: set[str]) -> dict[str, Any]:
@@ -595,7 +565,7 @@ class Services:
                 preds = model.predict([read_rgb(c.path) for c in chunk], batch_size=bs)
                 for c, p in zip(chunk, preds, strict=True):
                     write_mask(out / f"{c.id}.png", p)
-        return {"predictions": "pred", "n": len(cands), "computed": len(todo)}
+        return {"predictions": plan.files.pred.name, "n": len(cands), "computed": len(todo)}
 
     # -- Label Studio ----------------------------------------------------------------------------
     def client(self) -> Any:
@@ -639,7 +609,7 @@ class Services:
         from .admin import push_rating_tasks
 
         res = push_rating_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
-                                overlay_dir=plan.dir / "overlays", document_root=self.exp.document_root(),
+                                overlay_dir=plan.files.overlays, document_root=self.exp.document_root(),
                                 num_classes=self.exp.num_classes, progress=self.options.progress)
         return res.to_dict()
 
@@ -729,7 +699,7 @@ class Services:
             from .oracle import GroundTruth, play_annotator
 
             o = self.exp.oracle
-            play_annotator(ls.url, ls.api_key(), pid, self._oracle_images(cands, plan.dir / "pred"),
+            play_annotator(ls.url, ls.api_key(), pid, self._oracle_images(cands, plan.files.pred),
                            GroundTruth(o.gt, self.exp.num_classes), class_names=self.exp.classes,
                            ignore=o.ignore, progress=self.options.progress)
         client = self.client()
@@ -760,9 +730,9 @@ class Services:
         replay = self.exp.s0.open() if ft.replay else None
         if lwf:
             replay = None
-            unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
+            unlabelled = [c.path for c in read_candidates(plan.files.candidates)]
         elif ft.lwf_weight > 0:
-            unlabelled = [c.path for c in read_candidates(plan.dir / "candidates.jsonl")]
+            unlabelled = [c.path for c in read_candidates(plan.files.candidates)]
         # T(0) chooses among several LRs; with one LR it would only be evaluated for the record,
         # which the promotion gate does anyway (cached for the report)
         val = self.exp.t0.open() if len(cfg.lrs) > 1 else None
@@ -793,10 +763,10 @@ class Services:
             st = RoundState.load(plan.root, j)
             stems = st.outputs("masks").get("T_stems") if st.done("masks") else None
             if stems:
-                pairs = labelled_pairs(round_dir(plan.root, j) / "labels", stems)
+                pairs = labelled_pairs(RoundLayout(round_dir(plan.root, j)).labels, stems)
                 sets.append(TestSet(f"T({j})", tuple(pairs), j))
         parent, child = ModelEntry("parent", dict(plan.target)), ModelEntry("child", dict(child_spec))
-        ev = evaluate_models([parent, child], sets, exp.num_classes, exp.dir / "eval",
+        ev = evaluate_models([parent, child], sets, exp.num_classes, ExperimentLayout.of(exp.dir).eval_cache,
                              device=self.options.device)
         fz_p, fz_c, used, excluded = [], [], [], 0
         for ts in sets[1:]:

@@ -31,6 +31,8 @@ from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 
+from .layout import ROUND_PREFIX, STATE_FILE, round_dir
+
 STATE_VERSION = 1
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -39,21 +41,31 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def round_dir(exp_dir: str | os.PathLike[str], i: int) -> Path:
-    """The folder of round ``i`` (``<exp_dir>/round-<i>``)."""
-    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-        raise MadsegError(f"round number must be an integer >= 0, got {i!r}")
-    return Path(exp_dir) / f"round-{i}"
-
-
 def list_rounds(exp_dir: str | os.PathLike[str]) -> list[int]:
     """Round numbers that have a state file, ascending."""
     out = []
-    for p in Path(exp_dir).glob("round-*/state.json"):
-        suffix = p.parent.name[len("round-"):]
+    for p in Path(exp_dir).glob(f"{ROUND_PREFIX}*/{STATE_FILE}"):
+        suffix = p.parent.name[len(ROUND_PREFIX):]
         if suffix.isdigit():
             out.append(int(suffix))
     return sorted(out)
+
+
+def served_round(exp_dir: str | os.PathLike[str], i: int) -> int:
+    """The round whose model is served after round ``i``: ``i`` when the promotion gate promoted
+    f(i), else the last promoted round before it (0 = the configured target f(0)).
+
+    Raises ``MadsegError`` when a round on the way has not finished fine-tuning.
+    """
+    while i > 0:
+        st = RoundState.load(exp_dir, i)
+        if not st.done("finetune"):
+            raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
+                              f"run `madseg round --round {i}` first")
+        if st.outputs("finetune").get("promoted", True):  # state files from before the gate
+            return i
+        i -= 1
+    return 0
 
 
 class RoundState:
@@ -63,7 +75,7 @@ class RoundState:
         self.exp_dir = Path(exp_dir)
         self.round = i
         self.dir = round_dir(exp_dir, i)
-        self.path = self.dir / "state.json"
+        self.path = self.dir / STATE_FILE
         now = _now()
         self.data: dict[str, Any] = data or {
             "version": STATE_VERSION, "round": i, "created_at": now, "updated_at": now, "stages": {},
