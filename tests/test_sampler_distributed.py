@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,14 +26,8 @@ ARGS = ["--target", "espnetv2,scale=0.5,input_size=256", "--competitor", "espnet
         "--no-progress", "--json"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _json_of(out: str) -> dict:
@@ -56,7 +49,8 @@ def _rank_logs(log_dir: Path) -> dict[str, str]:
 def _run_torchrun(nproc: int, args: list[str], log_dir: Path) -> dict:
     """torchrun with every rank's stdout and stderr in its own file under ``log_dir``; a failure
     shows all of them (a rank that dies first is the cause, the others only see a closed peer)."""
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+    # --standalone: the rendezvous store binds a free port itself (no pick-then-bind race)
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc),
            "--log-dir", str(log_dir), "--redirects", "3", str(BIN / "madseg"), *args]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     logs = _rank_logs(log_dir)
