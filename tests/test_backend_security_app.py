@@ -324,10 +324,10 @@ def test_a_bad_task_fails_only_itself(tree, monkeypatch) -> None:
     c = _client(_config(tree), monkeypatch)
     tasks = [{"id": 1, "data": {"image": "/data/local-files/?d=pool/a.jpg"}},
              {"id": 2, "data": {"image": "/data/local-files/?d=pool/a\x00.jpg"}},
-             {"id": 3, "data": {"image": 17}}, {"id": 4, "data": "nope"}, {"id": 5},
-             {"id": 6, "data": {"image": "/data/local-files/?d=pool/a.jpg"}}]
+             {"id": 3, "data": {"image": 17}}, {"id": 4, "data": "nope"}, {"id": 5}, "not a task", None,
+             {"id": 8, "data": {"image": "/data/local-files/?d=pool/a.jpg"}}]
     r = c.post("/predict", json={"tasks": tasks, "label_config": SEG})
-    assert _painted(r) == [True, False, False, False, False, True]
+    assert _painted(r) == [True, False, False, False, False, False, False, True]
 
 
 def test_versions_show_names_and_metadata_not_paths(tree, monkeypatch) -> None:
