@@ -155,6 +155,18 @@ def confusions_for(
     return out
 
 
+def _spec_key(spec: Mapping[str, Any]) -> str:
+    """The key of ``versions.json`` (spec -> model version): the spec plus the size and mtime of its
+    checkpoint file, so a checkpoint rewritten in place (a fine-tune redone into the same folder)
+    is loaded again instead of being taken for the old version."""
+    d = dict(spec)
+    ckpt = d.get("checkpoint")
+    if isinstance(ckpt, str) and os.path.isfile(ckpt):
+        st = os.stat(ckpt)
+        d["_file"] = [st.st_size, st.st_mtime_ns]
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 def _cache_name(version: str, set_name: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in f"{version}__{set_name}")
     return f"{safe}.npz"
@@ -213,7 +225,7 @@ def evaluate_models(
         except (OSError, ValueError):
             known = {}
     for entry in models:
-        spec_key = json.dumps(dict(entry.spec), sort_keys=True, default=str)
+        spec_key = _spec_key(entry.spec)
         version = known.get(spec_key)
         model = None
         for ts in sets:

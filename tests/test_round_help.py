@@ -119,3 +119,44 @@ def test_annotation_effort_counts_finished_annotations_and_lead_time() -> None:
     assert eff == {"tasks": 3, "annotations": 3, "annotators": 2, "lead_time_s": 19.5,
                    "without_lead_time": 1, "simulated": False}
     assert annotation_effort([], simulated=True)["simulated"] is True
+
+
+def test_evaluation_cache_notices_a_checkpoint_rewritten_in_place(tmp_path: Path) -> None:
+    """A fine-tune redone into the same folder rewrites model.pth: the cached spec -> version map must
+    not hand back the old version's confusions (the gate would judge the wrong model)."""
+    import os
+
+    from PIL import Image
+
+    from ml_backend.imageio import write_mask
+    from projects.evaluation import evaluate_models
+
+    img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(img)
+    write_mask(mask, np.ones((4, 4), np.uint8))
+    ckpt = tmp_path / "model.pth"
+    loads: list[int] = []
+
+    class Constant:
+        def __init__(self, cls: int) -> None:
+            self.cls, self.version = cls, f"const{cls}"
+
+        def predict(self, images: list[np.ndarray], batch_size: int = 1) -> list[np.ndarray]:
+            return [np.full(im.shape[:2], self.cls, np.uint8) for im in images]
+
+    def loader(spec: dict) -> Constant:
+        loads.append(1)
+        return Constant(int(Path(spec["checkpoint"]).read_text()))
+
+    models = [ModelEntry("f(1)", {"name": "x", "checkpoint": str(ckpt), "options": {}})]
+    sets = [EvalSet("T(0)", ((img, mask),))]
+    ckpt.write_text("1")
+    first = evaluate_models(models, sets, C, tmp_path / "cache", loader=loader)
+    assert first.miou("f(1)", "T(0)") == 1.0 and len(loads) == 1
+    assert evaluate_models(models, sets, C, tmp_path / "cache", loader=loader).versions["f(1)"] == "const1"
+    assert len(loads) == 1  # unchanged checkpoint: cached
+    ckpt.write_text("0")
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = evaluate_models(models, sets, C, tmp_path / "cache", loader=loader)
+    assert len(loads) == 2 and again.versions["f(1)"] == "const0" and again.miou("f(1)", "T(0)") == 0.0
