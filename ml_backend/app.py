@@ -65,6 +65,9 @@ from .versions import list_versions
 
 log = logging.getLogger(__name__)
 
+#: Projects whose /setup details (hostname, token) are kept; the oldest are forgotten beyond this.
+MAX_SETUPS = 1024
+
 
 def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"status": "error", "error": message}), status
@@ -118,7 +121,10 @@ class BackendState:
 
     def remember_setup(self, project_id: int | None, hostname: str, access_token: str) -> None:
         with self._lock:
+            self._setup.pop(project_id, None)
             self._setup[project_id] = {"hostname": hostname, "access_token": access_token}
+            while len(self._setup) > MAX_SETUPS:  # bounded memory whatever ids callers send
+                self._setup.pop(next(iter(self._setup)))
 
     def segmenter(self, label_config: str, project_id: int | None) -> MadsegSegmenter:
         info = self._setup.get(project_id) or {}
