@@ -266,12 +266,17 @@ def parse_host_rules(raw: str, name: str = "MADSEG_IMAGE_HOSTS") -> tuple[HostRu
 
 @dataclass(frozen=True)
 class CheckedUrl:
-    """A URL the policy allowed: its origin, the address to connect to, whether it is trusted."""
+    """A URL the policy allowed: its origin, the checked addresses to connect to (in the resolver's
+    order), whether it is trusted."""
 
     url: str
     origin: Origin
-    address: str
+    addresses: tuple[str, ...]
     trusted: bool  # the Label Studio origin (any address allowed; credentials may go there)
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
 
 
 @dataclass(frozen=True)
@@ -318,7 +323,7 @@ class UrlPolicy:
                 if not is_public_address(ip):
                     raise UrlRefused(f"host {origin.host} resolves to {ip}, a non-public address; "
                                      "only Label Studio's own address may be private")
-        return CheckedUrl(url, origin, addresses[0], trusted)
+        return CheckedUrl(url, origin, tuple(addresses), trusted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,8 +372,19 @@ def _host_header(origin: Origin) -> str:
     return host if origin.port == _DEFAULT_PORTS[origin.scheme] else f"{host}:{origin.port}"
 
 
+def _connect(checked: CheckedUrl, timeout: float) -> socket.socket:
+    """A TCP connection to the first checked address that answers (never a fresh DNS lookup)."""
+    last: OSError | None = None
+    for addr in checked.addresses:
+        try:
+            return socket.create_connection((addr, checked.origin.port), timeout=timeout)
+        except OSError as exc:
+            last = exc
+    raise last or OSError("no address")
+
+
 def _open(checked: CheckedUrl, timeout: float) -> tuple[http.client.HTTPConnection, socket.socket]:
-    raw = socket.create_connection((checked.address, checked.origin.port), timeout=timeout)
+    raw = _connect(checked, timeout)
     if checked.origin.scheme == "https":
         sock: socket.socket = _ssl_context().wrap_socket(raw, server_hostname=checked.origin.host)
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(checked.origin.host,

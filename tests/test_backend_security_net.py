@@ -339,3 +339,12 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_name(servers, t
     other = f"https://other.test:{ls.port}/a.png"  # same address, a name the certificate does not carry
     with pytest.raises(FetchError, match="cannot connect"):
         fetch(other, UrlPolicy.build(other, resolver=resolve), deadline=Deadline(10), max_bytes=1 << 20)
+
+
+def test_unreachable_first_address_falls_back_to_the_next_checked_one(servers) -> None:
+    """The server listens on 127.0.0.1 only, so 127.0.0.2 (also loopback) refuses the connection."""
+    ls = servers({"/a.png": lambda r: (200, {}, PNG)})
+    policy = UrlPolicy(trusted=(origin_of(f"http://ls.test:{ls.port}"),),
+                       resolver=_resolver({"ls.test": ["127.0.0.2", "127.0.0.1"]}))
+    got = fetch(f"http://ls.test:{ls.port}/a.png", policy, deadline=Deadline(10), max_bytes=1 << 20)
+    assert got.data == PNG
