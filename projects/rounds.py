@@ -719,13 +719,13 @@ class Services:
         ``out_dir`` is returned at once (``ml_backend.finetune`` resumes / reuses it).
         """
         from ml_backend.datasets import LabelledFolder
-        from ml_backend.finetune import FinetuneConfig, finetune
+        from ml_backend.finetune import finetune
         from ml_backend.zoo import load_model_spec
 
         ft = self.exp.finetune
         model = load_model_spec(self.exp.target.spec(), device=self.options.device)
-        cfg = FinetuneConfig(epochs=ft.epochs, batch_size=ft.batch_size, lrs=tuple(ft.lr_grid),
-                             lwf_weight=(ft.lwf_weight or 1.0) if lwf else 0.0, seed=self.exp.seed)
+        # the preset's whole recipe (ml_backend.finetune PRESETS) with the [finetune] keys applied
+        cfg = ft.to_config(seed=self.exp.seed, lwf=lwf)
         unlabelled = None
         replay = self.exp.s0.open() if ft.replay else None
         if lwf:
