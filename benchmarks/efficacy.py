@@ -33,11 +33,14 @@ import json
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
 
 from ml_backend.errors import MadsegError  # noqa: E402
 
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size-bound rule (default: the config's [selection] bounds)")
     sel.add_argument("--order", choices=("failures", "rank"), default=None,
                      help="order of M for the raters (default: the config's [selection] order)")
+    sel.add_argument("--half", type=int, choices=(0, 1), default=None,
+                     help="use only half the pool: the images whose crc32(file stem) %% 2 equals this "
+                          "(the design was chosen on half 0 of coco_voc, the development split)")
     sel.add_argument("--variants", action="store_true",
                      help="also run the paper's order (rank), the paper's bounds rule (s0) with its order, "
                           "and bounds from the pool's predictions only, on the same sub-pools")
@@ -112,7 +118,10 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
                         device=args.device, cached_only=args.cached_only)
     t_prep = time.perf_counter() - t0
     s0 = s0_area_fractions(Path(args.s0), len(data.class_names)) if args.s0 else None
-    n_pool = len(data.ids)
+    universe = np.arange(len(data.ids))
+    if args.half is not None:
+        universe = np.flatnonzero([zlib.crc32(s.encode("utf-8")) % 2 == args.half for s in data.stems])
+    n_pool = int(universe.size)
     size = args.subpool_size or int(round(args.subpool_fraction * n_pool))
     if not 1 <= size <= n_pool:
         raise MadsegError(f"--subpool-size {size}: must be between 1 and the pool's {n_pool} images")
@@ -125,7 +134,7 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
                            subpools=args.subpools, subpool_size=size,
                            raters=exp.label_studio.raters_per_task, noise=o.noise,
                            thresholds=tuple(o.thresholds))
-    agg = run_selection(data, s0, st)
+    agg = run_selection(data, s0, st, universe=universe)
     tg = targets(agg, [n for n in (10, 20) if n in args.n])
     title = (f"{args.pool} ({n_pool} images; target {exp.target.key}; competitors "
              f"{', '.join(c.key for c in exp.competitors)}; n3 = {st.n3}; bounds {st.bounds}; "
@@ -144,7 +153,7 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
             vst = replace(st, **change)
             if vst == st:
                 continue
-            vagg = run_selection(data, s0, vst)
+            vagg = run_selection(data, s0, vst, universe=universe)
             print(format_tables(vagg, vst.ns, f"variant: {name}"))
             print(format_targets(targets(vagg, [n for n in (10, 20) if n in args.n])))
             variants[name] = {"settings": dict(change), "results": vagg,
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         out = json.loads(Path(args.json).read_text(encoding="utf-8"))
     if args.part in ("selection", "all"):
         key = f"{pool_key(Path(args.pool))}, S(0) {pool_key(Path(args.s0)) if args.s0 else 'none'}"
+        if args.half is not None:
+            key += f", half {args.half}"
         out.setdefault("selection", {})[key] = run_selection_part(args, exp)
     if args.part in ("finetune", "all"):
         ft = _finetune_module()

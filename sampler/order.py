@@ -11,11 +11,15 @@ spread over many classes. :func:`rating_order` orders the images of M (from the 
    constant. The evidence of image i is the mean percentile over the competitors (a Borda count).
    An image where the target disagrees with *every* competitor scores high; one where a single
    competitor is odd (the competitor is probably the one that fails) scores about 1/m of that.
-2. **Diversity: class round-robin.** Each image of M belongs to the classes of the MAD problems
-   that chose it. Classes take turns: in every round, each class (classes in the order of the
-   evidence of their best remaining image) gives its remaining image with the most evidence; an
-   image already placed is skipped. So the first rounds show the strongest failure of every
-   class before the second-strongest of any class.
+2. **Likely failures first: two tiers.** Candidates whose evidence is at least the median
+   evidence of the pool (the target disagrees with the competitors more than on a typical image)
+   come before the others. The median is a statistic of the pool, not a fitted constant.
+3. **Diversity: class round-robin within each tier.** Each image of M belongs to the classes of
+   the MAD problems that chose it. Classes take turns: in every round, each class (classes in the
+   order of the evidence of their best remaining image) gives its remaining image with the most
+   evidence; an image already placed is skipped. So the strongest likely failure of every class
+   is shown before the second-strongest of any class, and no class gets a weak candidate in
+   before every class's likely failures are out.
 
 Ties (equal evidence) go to the smaller image index. ``order="rank"`` gives the order madseg used
 before (the paper's: by the best rank an image reached in any problem, then the largest distance).
@@ -133,7 +137,7 @@ def rating_order(
         target_areas, competitor_areas: (N, C), (m, N, C); not used by the orders here (kept so
             every order sees the same inputs).
         distances: (m, N) the distances the records were selected on (required for "failures").
-        order: ``"failures"`` (evidence + class round-robin) or ``"rank"``.
+        order: ``"failures"`` (evidence tiers + class round-robin) or ``"rank"``.
     Returns:
         (|M|,) int64 image indices.
     """
@@ -147,6 +151,12 @@ def rating_order(
     images = np.array(sorted(g), dtype=np.int64)
     if images.size == 0:
         return images
-    ev = failure_evidence(distances)[images]
-    classes = [sorted({r.cls for r in g[int(i)]}) for i in images]
-    return class_round_robin(images, ev, classes)
+    pool_ev = failure_evidence(distances)
+    ev = pool_ev[images]
+    upper = ev >= np.median(pool_ev)
+    out = []
+    for tier in (upper, ~upper):
+        if tier.any():
+            classes = [sorted({r.cls for r in g[int(i)]}) for i in images[tier]]
+            out.append(class_round_robin(images[tier], ev[tier], classes))
+    return np.concatenate(out)

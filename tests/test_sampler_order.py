@@ -80,3 +80,17 @@ def test_rating_order_on_random_inputs_is_a_permutation_of_m():
     for order in ("failures", "rank"):
         out = rating_order(recs, ta, ca, d, order=order)
         assert sorted(out.tolist()) == m_set
+
+
+def test_below_median_candidates_wait_until_every_class_has_shown_its_likely_failures():
+    # 10 images, one competitor; the pool median of the evidence lies between images 4 and 5
+    d = np.array([np.linspace(0.0, 0.9, 10)])  # image i has distance 0.1 i
+    recs = [MadRecord(9, 0, 1, "target", 0.9, 1), MadRecord(8, 0, 1, "target", 0.8, 2),
+            MadRecord(7, 0, 1, "target", 0.7, 3),
+            MadRecord(2, 0, 2, "target", 0.2, 1),  # class 2's only candidate: below the median
+            MadRecord(6, 0, 3, "target", 0.6, 1)]
+    out = rating_order(recs, distances=d).tolist()
+    # above the median: classes 1 and 3 take turns (9, 6), then class 1's rest (8, 7); then image 2
+    assert out == [9, 6, 8, 7, 2]
+    # the paper's order puts the weak rank-1 pick first among rank-1 picks by distance
+    assert rank_order(recs).tolist() == [9, 6, 2, 8, 7]
