@@ -9,8 +9,9 @@ spread over many classes. :func:`rating_order` orders the images of M (from the 
    turned into its percentile among all images of the pool (0 = the most similar image, 1 = the
    most different), which makes competitors of different styles comparable without any
    constant. The evidence of image i is the mean percentile over the competitors (a Borda count).
-   An image where the target disagrees with *every* competitor scores high; one where a single
-   competitor is odd (the competitor is probably the one that fails) scores about 1/m of that.
+   An image where the target disagrees with *every* competitor scores high; on one where a single
+   competitor is odd (that competitor is probably the one that fails), the others' low
+   percentiles pull the mean down.
 2. **Likely failures first: two tiers.** Candidates whose evidence is at least the median
    evidence of the pool (the target disagrees with the competitors more than on a typical image)
    come before the others. The median is a statistic of the pool, not a fitted constant.
@@ -21,8 +22,11 @@ spread over many classes. :func:`rating_order` orders the images of M (from the 
    is shown before the second-strongest of any class, and no class gets a weak candidate in
    before every class's likely failures are out.
 
-Ties (equal evidence) go to the smaller image index. ``order="rank"`` gives the order madseg used
-before (the paper's: by the best rank an image reached in any problem, then the largest distance).
+The design was chosen on the development half of ``coco_voc`` (``benchmarks/efficacy.py --half
+0``) against the paper's order, evidence alone, and round-robin without tiers; the README gives
+the measured figures. Ties (equal evidence) go to the smaller image index. ``order="rank"``
+gives the order madseg used before (the paper's: by the best rank an image reached in any
+problem, then the largest distance).
 """
 
 from __future__ import annotations
