@@ -31,6 +31,7 @@ import numpy as np
 
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.errors import MadsegError
+from ml_backend.labelmaps import resize_labels
 from ml_backend.labelstudio import configs
 from ml_backend.labelstudio.brush import (
     class_map_results,
@@ -415,14 +416,6 @@ def _as_label_maps(predictions: LabelMaps | str | os.PathLike[str], num_classes:
     return label_maps_from_dir(predictions, num_classes)
 
 
-def _resize_nearest(label_map: np.ndarray, height: int, width: int) -> np.ndarray:
-    if label_map.shape == (height, width):
-        return label_map
-    rows = (np.arange(height) * label_map.shape[0]) // height
-    cols = (np.arange(width) * label_map.shape[1]) // width
-    return label_map[rows[:, None], cols[None, :]]
-
-
 # ---------------------------------------------------------------------------------------------
 # rating project
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +559,7 @@ def push_segmentation_tasks(
         def make() -> dict[str, Any]:
             iid = c["id"]
             w, h = image_wh(c["path"])
-            lm = _resize_nearest(maps(iid), h, w)
+            lm = resize_labels(maps(iid), (h, w))
             pred = {"model_version": str(model_version), "score": float(scores.get(iid, 0.0)),
                     "result": class_map_results(lm, classes, ctl)}
             validate_brush_prediction(pred, ctl, (w, h), f"image {iid}", decode_rle=False)

@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
+from ml_backend.labelmaps import resize_labels
 from ml_backend.labelstudio.configs import (
     BrushControls,
     RatingControls,
@@ -75,15 +75,6 @@ ORACLE_EMAIL_DOMAIN = "madseg.example.com"
 # =============================================================================================
 # pure part: quality, scores, OOD, results
 # =============================================================================================
-
-
-def resize_labels(label_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an (h, w) uint8 label map to ``shape`` = (H, W)."""
-    label_map = np.asarray(label_map)
-    if label_map.shape == tuple(shape):
-        return label_map.astype(np.uint8, copy=False)
-    im = Image.fromarray(label_map.astype(np.uint8), mode="L")
-    return np.asarray(im.resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
 
 
 def per_image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:

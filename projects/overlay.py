@@ -1,6 +1,7 @@
-"""Pre-blended overlay images: a photo with a label map drawn over it in the class colours.
+"""The one overlay look: a photo with a label map drawn over it in the class colours.
 
-Shown to raters beside the photo (the paper's rating GUI). Background (class 0) and ignore (255)
+Shown to raters beside the photo (the paper's rating GUI) and in the report's galleries
+(``projects.report``), so the report shows the pictures the raters saw. Background (class 0) and ignore (255)
 pixels stay unblended, so the photo shows through; each object class is blended with its VOC
 colour at ``alpha`` and gets a thin outline, so neighbouring regions stay distinguishable.
 """
@@ -17,6 +18,7 @@ from PIL import Image
 from ml_backend.atomic import atomic_write_bytes
 from ml_backend.classes import IGNORE_INDEX, voc_palette
 from ml_backend.errors import MadsegError
+from ml_backend.labelmaps import resize_labels
 
 DEFAULT_ALPHA = 0.55
 
@@ -24,7 +26,7 @@ DEFAULT_ALPHA = 0.55
 def blend(image: np.ndarray, label_map: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """Photo (H, W, 3) uint8 + label map (h, w) of class indices -> (H, W, 3) uint8 overlay.
 
-    A label map of another size is resized to the photo with nearest-neighbour sampling.
+    A label map of another size is resized to the photo (``ml_backend.labelmaps.resize_labels``).
     Classes 1.. are blended with their VOC colour at ``alpha`` (0..1) and outlined.
     """
     if not 0.0 <= alpha <= 1.0:
@@ -34,11 +36,7 @@ def blend(image: np.ndarray, label_map: np.ndarray, alpha: float = DEFAULT_ALPHA
     if label_map.ndim != 2:
         raise MadsegError(f"overlay: expected an (H, W) label map, got shape {label_map.shape}")
     h, w = image.shape[:2]
-    labels = label_map.astype(np.uint8, copy=False)
-    if labels.shape != (h, w):
-        rows = (np.arange(h) * labels.shape[0]) // h
-        cols = (np.arange(w) * labels.shape[1]) // w
-        labels = labels[rows[:, None], cols[None, :]]
+    labels = resize_labels(label_map, (h, w))
     colours = voc_palette(256).astype(np.float32)[labels]
     fg = (labels != 0) & (labels != IGNORE_INDEX)
     out = image.astype(np.float32)

@@ -71,6 +71,7 @@ from ml_backend.jsonsafe import jsonable
 
 from .layout import RESULTS_FILE as RESULTS_FILE  # re-exported: the file the report reads
 from .layout import ROUND_PREFIX, STATE_FILE
+from .overlay import DEFAULT_ALPHA, blend
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +122,11 @@ def count_failures(
     return {"columns": list(groups), "counts": counts}
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = 0.6) -> np.ndarray:
-    """Draw a label map over a photo.
-
-    ``image`` (H, W, 3) uint8; ``mask`` (h, w) class indices (resized nearest to (H, W)) or None.
-    Classes 1.. and the ignore index are blended in VOC colours with ``alpha``; background
-    (class 0) leaves the photo visible, slightly darkened. Returns (H, W, 3) uint8.
-    """
-    if mask is None:
-        return image
-    h, w = image.shape[:2]
-    if mask.shape != (h, w):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8), mode="L").resize((w, h), Image.NEAREST))
-    colours = voc_palette(256)[mask].astype(np.float32)
-    img = image.astype(np.float32)
-    fg = (mask != 0)[..., None]
-    out = np.where(fg, (1 - alpha) * img + alpha * colours, 0.8 * img)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """A gallery picture: the raters' overlay look (:func:`projects.overlay.blend`) of ``mask``
+    ((h, w) class indices, resized to the photo) over ``image`` (H, W, 3) uint8; the photo itself
+    when ``mask`` is None. Returns (H, W, 3) uint8."""
+    return image if mask is None else blend(image, mask, alpha)
 
 
 def png_base64(rgb: np.ndarray) -> str:
@@ -782,7 +771,11 @@ def _legend(classes: Sequence[str], present: Collection[int]) -> str:
     for k in sorted(present):
         if k == 0:
             continue
-        name = "ignore" if k == IGNORE_INDEX else (classes[k] if k < len(classes) else str(k))
+        if k == IGNORE_INDEX:  # not coloured in the overlay look: the photo shows through
+            items.append('<span><span class="sw" style="background:none;border:1px dashed #7b8496">'
+                         '</span>ignore</span>')
+            continue
+        name = classes[k] if k < len(classes) else str(k)
         r, g, b = (int(v) for v in pal[k])
         items.append(f'<span><span class="sw" style="background:rgb({r},{g},{b})"></span>{_e(name)}</span>')
     if not items:

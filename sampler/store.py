@@ -72,6 +72,7 @@ from PIL import Image
 from ml_backend.atomic import atomic_write_json
 from ml_backend.classes import voc_palette
 from ml_backend.errors import MadsegError
+from ml_backend.labelmaps import resize_labels
 
 FORMAT_VERSION = 1
 META_NAME = "store.json"
@@ -399,8 +400,7 @@ class ScoreStore:
             )
         lab = decode_label_png(data)
         if size is not None and tuple(size) != lab.shape:
-            im = Image.fromarray(lab, mode="L").resize((int(size[1]), int(size[0])), Image.NEAREST)
-            lab = np.asarray(im, dtype=np.uint8).copy()
+            lab = resize_labels(lab, (int(size[0]), int(size[1]))).copy()
         return lab
 
     def image_path(self, image_id: str) -> str | None:

@@ -15,6 +15,7 @@ from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import write_mask
 from projects.cli import main
+from projects.overlay import blend
 from projects.report import (
     RESULTS_FILE,
     SECTION_IDS,
@@ -253,13 +254,16 @@ def test_bad_results_are_named(tmp_path: Path, patch: dict[str, Any], message: s
 
 
 def test_overlay_blends_foreground_and_resizes() -> None:
+    """The report draws with the raters' overlay look (projects.overlay.blend): one picture for
+    Label Studio and the report (issue 10), so background and ignore leave the photo as it is."""
     img = np.full((4, 6, 3), 100, np.uint8)
     mask = np.array([[0, 15], [255, 0]], np.uint8)  # resized x3 / x2
     out = overlay(img, mask, alpha=1.0)
     assert out.shape == (4, 6, 3)
-    assert tuple(out[0, 0]) == (80, 80, 80)  # background: darkened photo
+    assert tuple(out[0, 0]) == (100, 100, 100)  # background: the photo
     assert tuple(out[0, 5]) == (192, 128, 128)  # person colour
-    assert tuple(out[3, 0]) == (224, 224, 192)  # ignore colour
+    assert tuple(out[3, 0]) == (100, 100, 100)  # ignore: the photo
+    np.testing.assert_array_equal(overlay(img, mask), blend(img, mask))  # the same look as the raters'
     assert overlay(img, None) is img
 
 
