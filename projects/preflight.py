@@ -103,6 +103,8 @@ def label_studio_problem(url: str, api_key_env: str, timeout_s: float = HTTP_TIM
         connect(url, key, retries=0, backoff_s=0.0, timeout_s=timeout_s, check=True)
     except MadsegError as exc:
         line = _first_line(exc)
+        if "unreachable" in line:
+            line += " (for madseg round: [label_studio] url in the experiment file)"
         return line if line.startswith("Label Studio") else f"Label Studio: {line}"
     except Exception as exc:  # the SDK's own errors (bad URL, TLS, ...): report them, one line
         return (f"Label Studio at {url}: {type(exc).__name__}: {_first_line(exc)[:200]}; start it "
