@@ -10,6 +10,8 @@ Criteria (all must hold; defaults in :class:`GateCriteria`):
    (:func:`ml_backend.metrics.gt_class_miou`: a spurious predicted class absent from T(0) adds
    no zero-IoU term, so one stray blob on a 7-image set cannot swing it) may fall by at most
    ``t0_tolerance`` (0.01) below the parent's. The drop is the point estimate on the whole set.
+   With an *anchor* (the original model, e.g. f(0)), the child must also be within
+   ``t0_tolerance`` of the anchor, so small drops cannot add up over many promotions.
 2. **The failure images, the fix.** On the labelled failure images the child was not trained
    on (in a round: the unbiased test sets T(1..i) of the MAD candidates, minus any training
    image), the child's ground-truth-class mIoU must not be below the parent's by more than
@@ -171,13 +173,16 @@ def decide(
     failures_child: np.ndarray | None = None,
     criteria: GateCriteria | None = None,
     *,
+    t0_anchor: np.ndarray | None = None,
+    anchor_name: str = "f(0)",
     t0_name: str = "T(0)",
     failures_name: str = "failure images",
 ) -> GateDecision:
     """Apply the gate (module docstring) to per-image confusions (N, C, C) of parent and child.
 
     ``t0_*``: on T(0); ``failures_*``: on the labelled failure images the child was not trained on
-    (None or N = 0 = none available).
+    (None or N = 0 = none available); ``t0_anchor``: the original model ``anchor_name`` on T(0)
+    (same images; None = no cumulative check).
     """
     crit = criteria or GateCriteria()
     failed: list[str] = []
@@ -195,6 +200,14 @@ def decide(
                           f"{crit.t0_tolerance:.3f}")
         else:
             passed.append(f"{t0_name}: ok, {_fmt(t0)}, within tolerance {crit.t0_tolerance:.3f}")
+        if t0_anchor is not None and len(t0_anchor) == len(t0_child):
+            anchor = compare_set(f"{t0_name} vs {anchor_name}", t0_anchor, t0_child, crit)
+            metrics[anchor.name] = anchor
+            if anchor.delta_gt_miou < -crit.t0_tolerance:
+                failed.append(f"{t0_name}: forgetting against {anchor_name}, {_fmt(anchor)}, drop larger "
+                              f"than the tolerance {crit.t0_tolerance:.3f}")
+            else:
+                passed.append(f"{t0_name} vs {anchor_name}: ok, {_fmt(anchor)}")
 
     if failures_parent is None or failures_child is None or len(failures_parent) == 0:
         if crit.require_failures:

@@ -305,7 +305,8 @@ def gate_job_version(
     model_dir: Path, target_model: Any, child_spec: dict[str, Any], t0_set: Any, settings: dict[str, Any]
 ) -> Any:
     """The promotion gate (:mod:`ml_backend.gate`) of a webhook fine-tune: the child vs the version
-    served now (the pointer's, else the configured target ``target_model``) on T(0).
+    served now (the pointer's, else the configured target ``target_model``) on T(0), and against
+    the configured target too (the anchor: no drift over many promotions).
 
     Every finished mask of the project is training data, so this path has no held-out failure
     images: the gate decides on T(0) alone (``require_failures=False``; ``MADSEG_GATE_OPTIONS`` may
@@ -326,10 +327,12 @@ def gate_job_version(
     device = settings.get("device")
     parent = target_model if current is None else load_model_spec(current.spec(), device=device)
     p_cms = per_image_confusions(parent, t0_set, progress=False)
+    # the configured target anchors the check, so drops within the tolerance cannot add up over jobs
+    a_cms = p_cms if current is None else per_image_confusions(target_model, t0_set, progress=False)
     del parent
     child = load_model_spec(child_spec, device=device)
     c_cms = per_image_confusions(child, t0_set, progress=False)
-    return decide(p_cms, c_cms, criteria=criteria)
+    return decide(p_cms, c_cms, criteria=criteria, t0_anchor=a_cms, anchor_name="the configured target")
 
 
 def train_gate_publish(

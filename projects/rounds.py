@@ -766,8 +766,9 @@ class Services:
                 pairs = labelled_pairs(RoundLayout(round_dir(plan.root, j)).labels, stems)
                 sets.append(TestSet(f"T({j})", tuple(pairs), j))
         parent, child = ModelEntry("parent", dict(plan.target)), ModelEntry("child", dict(child_spec))
-        ev = evaluate_models([parent, child], sets, exp.num_classes, ExperimentLayout.of(exp.dir).eval_cache,
-                             device=self.options.device)
+        anchor = ModelEntry("anchor", exp.target.spec())  # f(0): bounds the forgetting over all rounds
+        ev = evaluate_models([parent, child, anchor], sets, exp.num_classes,
+                             ExperimentLayout.of(exp.dir).eval_cache, device=self.options.device)
         fz_p, fz_c, used, excluded = [], [], [], 0
         for ts in sets[1:]:
             keep = [k for k, stem in enumerate(ts.stems) if stem not in train_stems]
@@ -782,7 +783,8 @@ class Services:
         decision = decide(ev.confusions[("parent", "T(0)")], ev.confusions[("child", "T(0)")],
                           np.concatenate(fz_p) if fz_p else np.zeros((0, c, c), np.int64),
                           np.concatenate(fz_c) if fz_c else np.zeros((0, c, c), np.int64),
-                          crit, failures_name=name)
+                          crit, t0_anchor=ev.confusions[("anchor", "T(0)")], anchor_name="f(0)",
+                          failures_name=name)
         return {**decision.to_json(), "parent": plan.target_key, "parent_spec": dict(plan.target),
                 "failure_sets": used, "excluded_training_images": excluded}
 

@@ -136,3 +136,18 @@ def test_decision_json_and_bad_inputs() -> None:
     assert GateCriteria.from_dict({"t0_tolerance": 0.05}).t0_tolerance == 0.05
     with pytest.raises(ValueError):
         GateCriteria(t0_tolerance=-1)
+
+
+def test_anchor_stops_small_drops_from_adding_up() -> None:
+    """Each promotion may lose up to the tolerance against its parent; against the original f(0)
+    the total loss is bounded by the same tolerance."""
+    classes = [10, 12, 15, 7]
+    f0 = _set(classes, 0)
+    parent = _set(classes, 1)  # already a bit below f(0) (let through by a wider earlier tolerance)
+    child = _set(classes, 1)  # no worse than its parent
+    fz = _set([5], 0)
+    assert decide(parent, child, fz, fz).promoted  # against the parent alone: fine
+    d = decide(parent, child, fz, fz, t0_anchor=f0)
+    assert not d.promoted and d.reasons[0].startswith("T(0): forgetting against f(0)")
+    assert d.metrics["T(0) vs f(0)"].delta_gt_miou < -0.01
+    assert decide(f0, f0, fz, fz, t0_anchor=f0).promoted  # positive control
