@@ -1,7 +1,10 @@
 # Image of the madseg ML backend and its fine-tune worker (see docker-compose.yml).
 #   docker build -t madseg-backend .
-#   docker run -p 9090:9090 -e MADSEG_MODEL=... madseg-backend                 (backend)
-#   docker run -e REDIS_URL=... madseg-backend madseg worker                  (worker)
+#   docker run -p 127.0.0.1:9090:9090 -e MADSEG_MODEL=... \
+#       -e BASIC_AUTH_USER=... -e BASIC_AUTH_PASS=... madseg-backend            (backend)
+#   docker run -e REDIS_URL=redis://:PASSWORD@HOST:6379/0 madseg-backend madseg worker   (worker)
+# Inside the container the backend listens on 0.0.0.0 (MADSEG_BACKEND_HOST below), which it
+# refuses without credentials; docker-compose.yml sets them from .env.
 # CPU-only PyTorch keeps the image small; on a GPU host install the CUDA wheels instead.
 FROM python:3.11-slim
 
