@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 "LABEL_STUDIO_URL": ls.url,
                 "LABEL_STUDIO_API_KEY": ls.token,
                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(doc_root),
+                # the root may be /: the backend reads local images only from the folders named here
+                "MADSEG_LOCAL_FILES_DIRS": str(shared / "data" / "voc_samples" / "images"),
+                "MADSEG_TRAIN_PROJECTS": str(pid),  # only known projects queue fine-tunes
                 "MADSEG_MODEL": "espnetv2",
                 "MADSEG_CHECKPOINT": str(ckpt),
                 "MADSEG_MODEL_DIR": str(tmp / f"models-{mode}"),
