@@ -143,16 +143,16 @@ def main() -> None:
     import torch
 
     from ml_backend.imageio import read_rgb
-    from ml_backend.zoo import load_model_spec
-    from sampler.score import parse_model_arg, score_pool
+    from ml_backend.zoo import ModelSpec, load_model_spec
+    from sampler.score import score_pool
 
     m = len(args.competitor)
     tmp = Path(tempfile.mkdtemp(prefix="madseg-bench-scoring-"))
     try:
         lst = _pool_list(tmp, args.images)
         paths = lst.read_text().split()
-        target = load_model_spec(parse_model_arg(args.target), "cpu")
-        comps = [load_model_spec(parse_model_arg(c), "cpu") for c in args.competitor]
+        target = load_model_spec(ModelSpec.parse(args.target), "cpu")
+        comps = [load_model_spec(ModelSpec.parse(c), "cpu") for c in args.competitor]
         models = [target, *comps]
         print(f"pool: {len(paths)} COCO images; batch {args.batch_size}; "
               f"{args.workers if args.workers is not None else 'auto'} workers; "
@@ -179,7 +179,7 @@ def main() -> None:
             pipe.append(st.seconds)
             cpu_bare.append(c1 - c0)
             cpu_pipe.append(c2 - c1)
-            new = load_model_spec(parse_model_arg(
+            new = load_model_spec(ModelSpec.parse(
                 f"{args.target},checkpoint={_perturbed_checkpoint(target, tmp)}"), "cpu")
             st2 = score_pool([lst], new, comps, store, batch_size=args.batch_size, workers=workers,
                              progress=False)

@@ -488,39 +488,29 @@ class _Reader:
 
     # -- compound values -----------------------------------------------------------------------
     def model(self, sec: Mapping[str, Any], where: str, default_key: str | None) -> ModelConfig:
-        """A model table. Paths (``checkpoint``, ``onnx:``/``hf:`` names, model files, the options
-        ``class_map`` and ``pretrained``) are resolved against the config's folder, and option
-        values are type-checked (``ml_backend.zoo.options``), each error naming the key."""
-        from ml_backend.zoo.classmap import resolve_class_map_ref
-        from ml_backend.zoo.options import option_problem
+        """A model table, read by the zoo's one table reader (``ml_backend.zoo.model_spec_from_table``):
+        paths (``checkpoint``, ``onnx:``/``hf:`` names, model files, the options ``class_map`` and
+        ``pretrained``) are resolved against the config's folder (and checked when checking paths),
+        option values are type-checked, each error naming the file, the table and the key."""
+        from ml_backend.zoo import model_spec_from_table
 
-        name = self.str_(sec, where, "name")
-        prefix = next((p for p in ("onnx:", "hf:") if name.startswith(p)), None)
-        if prefix is not None:
-            name = prefix + str(self.path(name[len(prefix):], where, "name", must="exists"))
-        elif "/" in name or name.endswith((".pt", ".pt2", ".ts", ".jit", ".pte", ".onnx", ".tflite")):
-            name = str(self.path(name, where, "name", must="file"))
+        self.str_(sec, where, "name")
         ckpt = sec.get("checkpoint")
-        checkpoint = None if ckpt is None else str(self.path(ckpt, where, "checkpoint", must="exists"))
-        options = sec.get("options", {})
-        if not isinstance(options, dict):
-            raise self.fail(where, f"options must be a table (e.g. {{ scale = 2.0 }}), got {options!r}")
-        options = copy.deepcopy(options)
-        for opt, value in options.items():
-            problem = option_problem(str(opt), value)
-            if problem:
-                raise self.fail(where, f"options.{opt} {problem}")
-        if "class_map" in options:
+        if ckpt is not None and (not isinstance(ckpt, str) or not ckpt.strip()):
+            raise self.fail(where, f"checkpoint must be a path string, got {ckpt!r}")
+
+        def resolve(value: str, key: str, must: str) -> str:
             try:
-                options["class_map"] = resolve_class_map_ref(options["class_map"], self.base)
+                return str(self.path(value, where, key, must=must))
             except MadsegError as exc:
-                raise self.fail(where, f"options.class_map: {exc}") from None
-            if "/" in options["class_map"] and self.check_paths and not Path(options["class_map"]).is_file():
-                raise self.fail(where, f"options.class_map: file {options['class_map']} does not exist; "
-                                "fix the path or use a shipped map (ade20k-voc, coco-panoptic-voc)")
-        if "pretrained" in options:
-            folder = self.path(options["pretrained"], where, "options.pretrained", must="dir")
-            options["pretrained"] = str(folder)
+                if key.endswith("class_map"):
+                    raise MadsegError(f"{exc} or use a shipped map (ade20k-voc, coco-panoptic-voc)") from None
+                raise
+
+        table = {k: copy.deepcopy(sec[k]) for k in ("name", "checkpoint", "options") if k in sec}
+        spec = model_spec_from_table(table, self.file, where, resolve=resolve, option_prefix="options.",
+                                     error=lambda msg: self.fail(where, msg))
+        name, checkpoint, options = spec.name, spec.checkpoint, dict(spec.options)
         key = sec.get("key", default_key)
         if key is None:
             key = _default_key(name, checkpoint, options)

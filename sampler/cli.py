@@ -118,7 +118,9 @@ def read_models_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .score import parse_model_arg, score_pool
+    from ml_backend.zoo import ModelSpec
+
+    from .score import score_pool
 
     if args.config is not None:
         if args.target or args.competitor:
@@ -127,8 +129,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         if not args.target:
             raise MadsegError("give the target model (--target SPEC) or a --config TOML")
-        target = parse_model_arg(args.target)
-        comps = [parse_model_arg(c) for c in args.competitor]
+        target = ModelSpec.parse(args.target).to_dict()
+        comps = [ModelSpec.parse(c).to_dict() for c in args.competitor]
     if not comps:
         raise MadsegError("give at least one competitor model (--competitor SPEC)")
     stats = score_pool(

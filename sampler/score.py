@@ -110,38 +110,6 @@ class ScoreStats:
 
 
 # ------------------------------------------------------------------------------------------ models
-def parse_model_arg(text: str) -> dict[str, Any]:
-    """``"name[,checkpoint=PATH][,key=value...]"`` -> spec dict ``{name, checkpoint, options}``.
-
-    Values are taken as int, float or bool (``true``/``false``) when they parse as such.
-    """
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts or "=" in parts[0]:
-        raise MadsegError(f"model spec {text!r} must start with a model name, e.g. espnetv2,scale=0.5")
-    spec: dict[str, Any] = {"name": parts[0], "checkpoint": None, "options": {}}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise MadsegError(f"model spec {text!r}: {p!r} is not key=value")
-        key, val = (s.strip() for s in p.split("=", 1))
-        if key == "checkpoint":
-            spec["checkpoint"] = val
-        else:
-            spec["options"][key] = _parse_value(val)
-    return spec
-
-
-def _parse_value(val: str) -> Any:
-    low = val.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(val)
-        except ValueError:
-            pass
-    return val
-
-
 def resolve_model(model: Any, device: str | None) -> Any:
     """A loaded model from a model object, ModelSpec, spec dict or ``name,key=value`` string."""
     if hasattr(model, "forward") and hasattr(model, "preprocessor") and hasattr(model, "version"):
@@ -149,7 +117,7 @@ def resolve_model(model: Any, device: str | None) -> Any:
     from ml_backend.zoo import ModelSpec, load_model_spec
 
     if isinstance(model, str):
-        model = parse_model_arg(model)
+        model = ModelSpec.parse(model)
     if not isinstance(model, (ModelSpec, Mapping)):
         raise ModelError(f"cannot use {model!r} as a model; give a zoo model, a ModelSpec or a spec dict")
     return load_model_spec(model, device=device)

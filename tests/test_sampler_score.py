@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from ml_backend.imageio import read_rgb
 from ml_backend.shared import shared_dir
+from ml_backend.zoo import ModelSpec
 from projects.cli import main as madseg_main
 from sampler import candidates as cand
 from sampler import store as S
 from sampler.metrics import map_distance
-from sampler.score import parse_model_arg, score_pool
+from sampler.score import score_pool
 from tests.test_sampler_pool import BAD, CONVERTED, make_pool
 
 pytestmark = pytest.mark.slow
@@ -31,8 +32,8 @@ COMPETITOR = "tflite"
 def models():
     from ml_backend.zoo import load_model_spec
 
-    target = load_model_spec(parse_model_arg(TARGET), "cpu")
-    return target, load_model_spec(parse_model_arg(COMPETITOR), "cpu")
+    target = load_model_spec(ModelSpec.parse(TARGET), "cpu")
+    return target, load_model_spec(ModelSpec.parse(COMPETITOR), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_new_target_version_runs_only_the_target_and_distances(scored, models, p
     sd[key] = sd[key] + 0.05
     ckpt = tmp_path / "finetuned.pth"
     torch.save(sd, ckpt)
-    new = parse_model_arg(f"espnetv2,checkpoint={ckpt},scale=0.5,input_size=256")
+    new = ModelSpec.parse(f"espnetv2,checkpoint={ckpt},scale=0.5,input_size=256")
     stats = score_pool([pool_list], new, [comp], store, batch_size=4, workers=2, progress=False)
     assert len(stats.inferred) == 1
     (new_version, n), = stats.inferred.items()

@@ -55,9 +55,44 @@ class ModelSpec:
         opts.update(extra)
         return cls(name=str(data["name"]), checkpoint=str(ckpt) if ckpt else None, options=opts)
 
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """The one command-line spelling: ``"name[,checkpoint=PATH][,key=value...]"``.
+
+        Values are taken as int, float or bool (``true``/``false``) when they parse as such, else
+        as strings (e.g. ``espnetv2,scale=0.5,input_size=256``). A TOML table is read by
+        :func:`ml_backend.zoo.model_spec_from_table`, a dict by :meth:`from_dict`.
+        """
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts or "=" in parts[0]:
+            raise ModelError(f"model spec {text!r} must start with a model name, e.g. espnetv2,scale=0.5")
+        checkpoint: str | None = None
+        options: dict[str, Any] = {}
+        for p in parts[1:]:
+            if "=" not in p:
+                raise ModelError(f"model spec {text!r}: {p!r} is not key=value")
+            key, val = (s.strip() for s in p.split("=", 1))
+            if key == "checkpoint":
+                checkpoint = val
+            else:
+                options[key] = _parse_value(val)
+        return cls(name=parts[0], checkpoint=checkpoint, options=options)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-friendly dict (inverse of :meth:`from_dict`)."""
         return {"name": self.name, "checkpoint": self.checkpoint, "options": jsonable(dict(self.options))}
+
+
+def _parse_value(val: str) -> Any:
+    low = val.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(val)
+        except ValueError:
+            pass
+    return val
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

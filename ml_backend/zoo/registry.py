@@ -9,7 +9,7 @@ Names: ``espnetv2``, ``dicenet``, ``tflite``, ``torchvision:<builder>``, ``onnx`
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .base import ModelSpec, SegmentationModel, resolve_device
 from .classmap import apply_class_map, resolve_class_map_ref, shipped_class_maps
 from .hf_entry import load_hf
 from .onnx_entry import load_onnx
-from .options import check_options
+from .options import check_options, option_problem
 from .tflite import load_tflite, shared_tflite_files
 from .torch_entries import (
     FAMILIES,
@@ -132,37 +132,65 @@ def read_model_specs(path: str | os.PathLike[str]) -> list[ModelSpec]:
     return [model_spec_from_table(table, path, f"models[{i}]") for i, table in enumerate(tables)]
 
 
-def model_spec_from_table(table: Any, path: Path, where: str) -> ModelSpec:
-    """A :class:`ModelSpec` from one TOML table of the file ``path`` (``where`` names the table).
+def model_spec_from_table(
+    table: Any,
+    path: Path,
+    where: str,
+    *,
+    resolve: Callable[[str, str, str], str] | None = None,
+    error: Callable[[str], Exception] | None = None,
+    option_prefix: str = "",
+) -> ModelSpec:
+    """The one reader of a model TOML table (``name``, ``checkpoint``, ``options``; options may also
+    stand inline) of the file ``path`` (``where`` names the table): ``[[models]]`` files,
+    ``madseg score --config`` and the experiment's ``[target]`` / ``[[competitors]]``.
 
-    Wrongly typed values (``checkpoint = 5``, ``options = "x"``, ``seed = "x"``) raise one
-    :class:`ModelError` naming the file and the key. Relative paths (checkpoint, ``onnx:``/``hf:``
-    names, ``class_map`` and ``pretrained`` files) are relative to the file's folder.
+    Wrongly typed values (``checkpoint = 5``, ``options = "x"``, ``seed = "x"``) raise one error naming
+    the file and the key. Paths — the checkpoint, ``onnx:``/``hf:`` names, model-file names, the
+    options ``class_map`` (a file; shipped names stay) and ``pretrained`` — go through
+    ``resolve(value, key, must)`` (``must``: "exists", "file" or "dir"); by default they are made
+    absolute against the file's folder without checks. ``error(message)`` builds the exception
+    (default :class:`ModelError` ``"model config <path>, <where>: <message>"``); ``option_prefix``
+    is put before option names in messages (e.g. ``"options."``).
     """
-    label = f"model config {path}, {where}"
-    if not isinstance(table, Mapping):
-        raise ModelError(f"{label}: must be a table with a name, got {table!r}")
-    try:
-        spec = ModelSpec.from_dict(table)
-    except ModelError as exc:
-        raise ModelError(f"{label}: {exc}") from None
-    opts = check_options(spec.options, label, prefix="")
     base = path.parent
 
-    def rel(p: str) -> str:
+    def fail(msg: str) -> Exception:
+        return error(msg) if error is not None else ModelError(f"model config {path}, {where}: {msg}")
+
+    def rel(p: str, key: str, must: str) -> str:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
 
+    resolve = resolve or rel
+    if not isinstance(table, Mapping):
+        raise fail(f"must be a table with a name, got {table!r}")
+    try:
+        spec = ModelSpec.from_dict(table)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    opts = dict(spec.options)
+    for key, value in opts.items():
+        problem = option_problem(str(key), value)
+        if problem:
+            raise fail(f"{option_prefix}{key} {problem}")
     name, ckpt = spec.name, spec.checkpoint
-    for prefix in PATH_PREFIXES:
-        if name.startswith(prefix):
-            name = prefix + rel(name[len(prefix):])
+    prefix = next((p for p in PATH_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        name = prefix + resolve(name[len(prefix):], "name", "exists")
+    elif _looks_like_path(name) or name.lower().endswith((".onnx", ".pte")):  # a model file
+        name = resolve(name, "name", "file")
     if ckpt:
-        ckpt = rel(ckpt)
+        ckpt = resolve(ckpt, "checkpoint", "exists")
     if "class_map" in opts:
-        opts["class_map"] = resolve_class_map_ref(opts["class_map"], base)
+        try:
+            ref = resolve_class_map_ref(opts["class_map"], base)
+        except ModelError as exc:
+            raise fail(f"{option_prefix}class_map: {exc}") from None
+        shipped = ref in shipped_class_maps()
+        opts["class_map"] = ref if shipped else resolve(ref, f"{option_prefix}class_map", "file")
     if "pretrained" in opts:
-        opts["pretrained"] = rel(opts["pretrained"])
+        opts["pretrained"] = resolve(opts["pretrained"], f"{option_prefix}pretrained", "dir")
     return ModelSpec(name, ckpt, opts)
 
 

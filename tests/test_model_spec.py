@@ -1,0 +1,42 @@
+"""One vocabulary for model specs: ModelSpec from a command-line string (ModelSpec.parse), from a
+TOML table (ml_backend.zoo.model_spec_from_table) and from a dict (ModelSpec.from_dict) agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml_backend.errors import MadsegError, ModelError
+from ml_backend.zoo import ModelSpec, model_spec_from_table
+
+
+def test_cli_string_values_and_round_trip() -> None:
+    spec = ModelSpec.parse(" espnetv2 , checkpoint=/m/a.pth, scale=0.5,input_size=256, bf16=true, mode=fast ")
+    assert spec == ModelSpec("espnetv2", "/m/a.pth", {"scale": 0.5, "input_size": 256, "bf16": True,
+                                                       "mode": "fast"})
+    assert isinstance(spec.options["input_size"], int)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert ModelSpec.parse("tflite") == ModelSpec("tflite")
+
+
+def test_the_three_spellings_give_the_same_spec(tmp_path: Path) -> None:
+    ckpt = tmp_path / "w.pth"
+    from_cli = ModelSpec.parse(f"espnetv2,checkpoint={ckpt},scale=2.0,input_size=384")
+    from_toml = model_spec_from_table({"name": "espnetv2", "checkpoint": "w.pth",
+                                       "options": {"scale": 2.0, "input_size": 384}},
+                                      tmp_path / "models.toml", "[target]")
+    from_dict = ModelSpec.from_dict({"name": "espnetv2", "checkpoint": str(ckpt), "scale": 2.0,
+                                     "input_size": 384})
+    assert from_cli == from_toml == from_dict
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "must start with a model name"),
+    ("scale=0.5", "must start with a model name"),
+    ("espnetv2,scale", "is not key=value"),
+])
+def test_bad_cli_strings_are_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message) as info:
+        ModelSpec.parse(text)
+    assert isinstance(info.value, MadsegError) and "\n" not in str(info.value)
