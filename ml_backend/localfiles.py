@@ -98,10 +98,7 @@ class LocalFilesPolicy:
         else:
             candidate = self.root / d
         real = Path(os.path.realpath(candidate))
-        if not any(_inside(real, f) for f in self.servable):
-            raise LocalFileRefused(f"{what}: outside the folders the backend serves")
-        if any(_inside(real, f) for f in self.denied):
-            raise LocalFileRefused(f"{what}: in a folder the backend never serves (ground truth, models)")
+        self._check_place(real, what)
         if real.suffix.lower() not in IMAGE_SUFFIXES:
             raise LocalFileRefused(f"{what}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
         try:
@@ -116,10 +113,23 @@ class LocalFilesPolicy:
             raise LocalFileRefused(f"{what}: {st.st_size} bytes is over the limit of {self.max_bytes}")
         return real
 
+    def _check_place(self, real: Path, what: str) -> None:
+        if not any(_inside(real, f) for f in self.servable):
+            raise LocalFileRefused(f"{what}: outside the folders the backend serves")
+        if any(_inside(real, f) for f in self.denied):
+            raise LocalFileRefused(f"{what}: in a folder the backend never serves (ground truth, models)")
+
     def read(self, d: str) -> bytes:
-        """The bytes of the checked file (read at most ``max_bytes + 1``: a file that grew is refused)."""
+        """The bytes of the checked file (read at most ``max_bytes + 1``: a file that grew is refused).
+
+        The file that was actually opened is checked again (on Linux via ``/proc/self/fd``), so a
+        symlink swapped in between the check and the open cannot lead outside.
+        """
         path = self.resolve(d)
         with open(path, "rb") as fh:
+            fd_link = f"/proc/self/fd/{fh.fileno()}"
+            if os.path.exists(fd_link):
+                self._check_place(Path(os.path.realpath(fd_link)), f"local file {d!r}")
             data = fh.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
             raise LocalFileRefused(f"local file {d!r}: over the limit of {self.max_bytes} bytes")

@@ -101,3 +101,16 @@ def test_local_files_param() -> None:
     assert local_files_param("/data/upload/1/x.jpg") is None
     with pytest.raises(LocalFileRefused):
         local_files_param("/data/local-files/?e=1")
+
+
+def test_a_symlink_swapped_in_after_the_check_is_refused(tree, monkeypatch) -> None:
+    """resolve() checked pool/a.jpg; by the time it is opened it has become a link to a file outside
+    (simulated by making resolve() hand back the link): the opened file is checked again."""
+    pol = LocalFilesPolicy.build(tree["root"])
+    swapped = tree["pool"] / "swapped.jpg"
+    swapped.symlink_to(tree["secret"])
+    monkeypatch.setattr(LocalFilesPolicy, "resolve", lambda self, d: swapped)
+    with pytest.raises(LocalFileRefused, match="outside"):
+        pol.read("pool/a.jpg")
+    monkeypatch.setattr(LocalFilesPolicy, "resolve", lambda self, d: tree["pool"] / "a.jpg")
+    assert pol.read("pool/a.jpg") == b"img"  # positive control
