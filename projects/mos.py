@@ -118,17 +118,22 @@ def mean_opinion_scores(
     return out
 
 
-def choose_lowest(mos: Mapping[str, float], n: int, exclude: Iterable[str] = ()) -> list[str]:
-    """The ``n`` image ids with the lowest finite MOS, lowest first; ties: smaller id first.
+def choose_lowest(mos: Mapping[str, float], n: int, exclude: Iterable[str] = (),
+                  order: Sequence[str] | None = None) -> list[str]:
+    """S: the ``n`` image ids with the lowest finite MOS, lowest first; ties: earlier in ``order``
+    (e.g. M's rating order; ids not in it after), then smaller id first.
 
     Out-of-domain images (``+inf``), NaN scores and ``exclude`` ids are never chosen; fewer than
-    ``n`` ids come back when fewer qualify.
+    ``n`` ids come back when fewer qualify. The round's ``choose`` stage and ``madseg ratings``
+    both choose with this function.
     """
     if n < 0:
         raise MadsegError(f"n4 = {n}: the number of images to label must be >= 0")
     skip = {str(e) for e in exclude}
-    finite = sorted((v, k) for k, v in mos.items() if k not in skip and math.isfinite(v))
-    return [k for _, k in finite[:n]]
+    pos = {k: i for i, k in enumerate(order or ())}
+    finite = sorted((v, pos.get(k, len(pos)), k) for k, v in mos.items()
+                    if k not in skip and math.isfinite(v))
+    return [k for _, _, k in finite[:n]]
 
 
 def rating_counts(ratings: Iterable[Rating]) -> dict[str, int]:

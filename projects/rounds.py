@@ -67,6 +67,7 @@ from sampler.candidates import Candidate, read_candidates
 
 from .experiment import ExperimentConfig
 from .layout import ExperimentLayout, RoundLayout, round_dir
+from .mos import choose_lowest as lowest_mos  # S(i): the n4 lowest MOS (one function, projects.mos)
 from .state import RoundState, served_round
 
 log = logging.getLogger(__name__)
@@ -122,20 +123,6 @@ class RoundPlan:
     def files(self) -> RoundLayout:
         """The round folder's files (``projects.layout.RoundLayout``)."""
         return RoundLayout(self.dir)
-
-
-def lowest_mos(mos: Mapping[str, float], n: int, exclude: Sequence[str] = (),
-               order: Sequence[str] | None = None) -> list[str]:
-    """The ``n`` image ids with the lowest finite MOS, minus ``exclude``; ties: earlier in
-    ``order`` (e.g. M's rating order; ids not in it after), then smaller id first.
-
-    Out-of-domain images carry MOS = +inf (the veto) and are never chosen.
-    """
-    ex = set(exclude)
-    pos = {k: i for i, k in enumerate(order or ())}
-    finite = [(v, pos.get(k, len(pos)), k) for k, v in mos.items()
-              if k not in ex and v != float("inf") and v == v]
-    return [k for _, _, k in sorted(finite)[:n]]
 
 
 def top_by_score(scores: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
