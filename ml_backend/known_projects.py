@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .atomic import atomic_write_json
+from .round_dirs import round_state_files
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 def experiment_segmentation_projects(exp_dir: Path) -> set[int]:
     """The segmentation project ids recorded in ``exp_dir/round-*/state.json`` (unreadable files skipped)."""
     out: set[int] = set()
-    for path in exp_dir.glob("round-*/state.json"):
+    for path in round_state_files(exp_dir):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             stage = data["stages"]["projects"]
@@ -92,7 +93,7 @@ class KnownProjects:
     def _experiment_now(self) -> set[int]:
         if self.experiment_dir is None:
             return set()
-        files = sorted(self.experiment_dir.glob("round-*/state.json"))
+        files = round_state_files(self.experiment_dir)
         stamp = tuple((str(p), _stamp(p)) for p in files)
         if stamp != self._exp_stamp:
             self._exp, self._exp_stamp = experiment_segmentation_projects(self.experiment_dir), stamp

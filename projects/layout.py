@@ -19,7 +19,8 @@
         state.json  plan.json  candidates.jsonl  pred/<image id>.png  overlays/  ratings.json  selection.json
         labels/{images,masks}/ + labels/sets.json  train/{images,masks}/  finetune/  finetune-lwf/
 
-Pure paths: nothing here touches the disk.
+Pure paths: nothing here touches the disk. The round folders' names (``round-<i>/state.json``) come
+from ``ml_backend.round_dirs``, which the ML backend reads too.
 """
 
 from __future__ import annotations
@@ -28,20 +29,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ml_backend.errors import MadsegError
+from ml_backend.round_dirs import ROUND_PREFIX, STATE_FILE, round_dir
 
-ROUND_PREFIX = "round-"
-STATE_FILE = "state.json"
+__all__ = ["ENTROPY_BASELINE", "MAD_VS_ENTROPY", "RESULTS_FILE", "ROUND_PREFIX", "STATE_FILE",
+           "ExperimentLayout", "RoundLayout", "round_dir"]
+
 RESULTS_FILE = "results.json"
 ENTROPY_BASELINE = "baseline-entropy"
 MAD_VS_ENTROPY = "baseline-compare"
-
-
-def round_dir(exp_dir: str | os.PathLike[str], i: int) -> Path:
-    """The folder of round ``i`` (``<exp_dir>/round-<i>``)."""
-    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-        raise MadsegError(f"round number must be an integer >= 0, got {i!r}")
-    return Path(exp_dir) / f"{ROUND_PREFIX}{i}"
 
 
 @dataclass(frozen=True)

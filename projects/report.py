@@ -68,6 +68,7 @@ from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
+from ml_backend.round_dirs import round_number
 
 from .layout import RESULTS_FILE as RESULTS_FILE  # re-exported: the file the report reads
 from .layout import ROUND_PREFIX, STATE_FILE
@@ -908,8 +909,8 @@ def stage_times(exp_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     out = []
 
     def order(p: Path) -> tuple[str, int]:
-        num = p.parent.name[len(ROUND_PREFIX) :]
-        return (str(p.parent.parent), int(num) if num.isdigit() else -1)
+        num = round_number(p)
+        return (str(p.parent.parent), -1 if num is None else num)
 
     for st_file in sorted(exp_dir.glob(f"**/{ROUND_PREFIX}*/{STATE_FILE}"), key=order):
         try:

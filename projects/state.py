@@ -30,8 +30,9 @@ from typing import Any
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
+from ml_backend.round_dirs import round_number, round_state_files
 
-from .layout import ROUND_PREFIX, STATE_FILE, round_dir
+from .layout import STATE_FILE, round_dir
 
 STATE_VERSION = 1
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,12 +44,7 @@ def _now() -> str:
 
 def list_rounds(exp_dir: str | os.PathLike[str]) -> list[int]:
     """Round numbers that have a state file, ascending."""
-    out = []
-    for p in Path(exp_dir).glob(f"{ROUND_PREFIX}*/{STATE_FILE}"):
-        suffix = p.parent.name[len(ROUND_PREFIX):]
-        if suffix.isdigit():
-            out.append(int(suffix))
-    return sorted(out)
+    return sorted(n for n in map(round_number, round_state_files(exp_dir)) if n is not None)
 
 
 def served_round(exp_dir: str | os.PathLike[str], i: int) -> int:

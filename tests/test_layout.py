@@ -41,3 +41,17 @@ def test_bad_round_numbers(tmp_path: Path, bad: object) -> None:
     with pytest.raises(MadsegError, match="round number"):
         round_dir(tmp_path, bad)  # type: ignore[arg-type]
     assert round_dir(tmp_path, 0) == tmp_path / "round-0"  # positive control
+
+
+def test_round_state_files_and_numbers(tmp_path: Path) -> None:
+    from ml_backend.round_dirs import round_number, round_state_files
+    from projects.state import list_rounds
+
+    for i in (2, 10):
+        RoundState.load(tmp_path, i).mark("score", n=i)
+    (tmp_path / "round-x").mkdir()
+    (tmp_path / "round-x" / "state.json").write_text("{}")  # not a round folder name
+    files = round_state_files(tmp_path)
+    assert [round_number(f) for f in files] == [10, 2, None]  # sorted by path
+    assert list_rounds(tmp_path) == [2, 10]
+    assert round_number(tmp_path / "other" / "state.json") is None
