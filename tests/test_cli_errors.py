@@ -56,7 +56,6 @@ def test_score_config_wrong_types_and_garbage_checkpoint(tmp_path: Path) -> None
         (esp + "checkpoint = 5", ("models.toml", "[target]", "checkpoint must be a file path string")),
         (esp + 'options = "x"', ("models.toml", "[target]", "options must be a table")),
         (esp + 'options = { seed = "x" }', ("models.toml", "[target]", "seed must be a non-negative")),
-        (esp + 'options = { scale = 0.5, input_size = "big" }', ("models.toml", "input_size must be")),
         (esp + f'checkpoint = "{garbage}"', ("garbage.pth", "not a readable PyTorch weights file")),
         (f'name = "dicenet"\ncheckpoint = "{ESP}"',
          ("espnetv2_s_0.5_pascal_256x256.pth", "does not fit dicenet")),
@@ -74,7 +73,8 @@ def test_score_config_wrong_types_and_garbage_checkpoint(tmp_path: Path) -> None
 
 
 def test_finetune_garbage_checkpoints(tmp_path: Path) -> None:
-    garbage = [os.urandom(4000), b"\x80\x02" + bytes(range(256)) * 4, b"PK\x03\x04 truncated"]
+    # more garbage variants (random bytes, pickles, zips) are checked in-process in tests/test_zoo.py
+    garbage = [b"\x80\x02" + bytes(range(256)) * 4]
     for i, data in enumerate(garbage):
         bad = tmp_path / f"bad{i}.pth"
         bad.write_bytes(data)

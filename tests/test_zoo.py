@@ -489,3 +489,34 @@ def test_model_specs_toml_types_and_relative_paths(tmp_path: Path) -> None:
     # the same checks guard load_model itself (e.g. options from the command line)
     with pytest.raises(ModelError, match=r"espnetv2: option num_classes must be an integer >= 2, got '21'"):
         load_model("espnetv2", num_classes="21")
+
+
+def test_garbage_checkpoints_are_one_clear_error(tmp_path: Path) -> None:
+    """Bytes that made torch.load raise KeyError / IndexError (tracebacks) and non-state-dict pickles."""
+    import io
+    import random
+
+    def rnd(seed: int) -> bytes:
+        r = random.Random(seed)
+        return bytes(r.getrandbits(8) for _ in range(r.randint(1, 3000)))
+
+    def saved(obj: object) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    cases = {
+        "text": (b"hello world\n" * 50, "not a readable PyTorch weights file"),  # was KeyError
+        "rnd4": (rnd(4), "not a readable PyTorch weights file"),  # was IndexError
+        "rnd17": (rnd(17), "not a readable PyTorch weights file"),  # was KeyError
+        "zeros": (b"\0" * 1000, "not a readable PyTorch weights file"),
+        "pickled_list": (pickle.dumps([1, 2, 3]), "not a readable PyTorch weights file"),
+        "tensor": (saved(torch.zeros(3)), "does not hold a state dict of tensors"),
+        "dict_of_ints": (saved({"a": 1}), "does not hold a state dict of tensors"),
+        "other_keys": (saved({"x": torch.zeros(3)}), "does not fit espnetv2 at any scale"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(data)
+        with pytest.raises(ModelError, match=rf"{name}\.pth.*{message}|{message}.*{name}"):
+            load_model("espnetv2", path)
