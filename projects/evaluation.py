@@ -439,26 +439,16 @@ def labelled_pairs(
     folder: str | os.PathLike[str], stems: Sequence[str] | None = None
 ) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of a labelled folder (``images/`` + ``masks/`` PNG by stem), in ``stems``
-    order when given (missing stems -> :class:`MadsegError`), else sorted by stem."""
-    from ml_backend.imageio import list_images
+    order when given, else sorted by stem: :class:`ml_backend.datasets.LabelledFolder` (the one
+    reader of labelled folders); a missing folder, image or mask -> :class:`MadsegError`."""
+    from ml_backend.datasets import LabelledFolder
 
-    root = Path(folder)
-    images = {p.stem: p for p in list_images(root / "images")} if (root / "images").is_dir() else {}
-    masks_dir = root / "masks"
-    order = list(stems) if stems is not None else sorted(images)
-    pairs = []
-    missing = []
-    for s in order:
-        img = images.get(s)
-        mask = masks_dir / f"{s}.png"
-        if img is None or not mask.exists():
-            missing.append(s)
-            continue
-        pairs.append((img, mask))
-    if missing:
-        raise MadsegError(f"{root}: no image+mask for {len(missing)} test image(s), e.g. {missing[:3]}; "
-                          "re-run the round's export stage")
-    return pairs
+    if stems is not None and not list(stems):
+        return []
+    try:
+        return LabelledFolder(folder, None if stems is None else list(stems)).pairs
+    except MadsegError as exc:
+        raise MadsegError(f"{exc}; re-run the round's export stage") from None
 
 
 # ==============================================================================================
