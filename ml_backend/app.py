@@ -157,7 +157,8 @@ def create_app(
     state = BackendState(config, queue)
     app = Flask("madseg_backend")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.wsgi_app = BodyLimit(app.wsgi_app, config.max_body_bytes)  # type: ignore[method-assign]
+    app.wsgi_app = BodyLimit(app.wsgi_app, config.max_body_bytes,  # type: ignore[method-assign]
+                             config.body_timeout_s)
     app.extensions["madseg"] = state
     auth = config.basic_auth
     token = config.backend_token

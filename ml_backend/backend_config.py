@@ -68,6 +68,7 @@ credentials; give Label Studio the same ones when connecting the backend.
 Limits (:mod:`ml_backend.limits`, :mod:`ml_backend.image_limits`):
 
 ``MADSEG_MAX_BODY_BYTES`` (33554432) request body, refused with 413 before it is read;
+``MADSEG_BODY_TIMEOUT`` (30 s) to receive a request body, else 408;
 ``MADSEG_MAX_TASKS`` (100) tasks per ``/predict``; ``MADSEG_MAX_IMAGE_BYTES`` (33554432) one image file or
 download; ``MADSEG_MAX_IMAGE_PIXELS`` (40000000) images with more pixels are not decoded;
 ``MADSEG_PREDICT_PIXELS`` (16000000) larger images are downscaled to this before inference;
@@ -199,6 +200,7 @@ class BackendConfig:
     ground_truth_dirs: tuple[Path, ...] = ()
     image_hosts: tuple[Any, ...] = ()  # netguard.HostRule
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0
     max_tasks: int = 100
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -346,6 +348,7 @@ class BackendConfig:
             ground_truth_dirs=tuple(Path(d).resolve() for d in exp.get("ground_truth") or ()),
             image_hosts=parse_host_rules(env.get("MADSEG_IMAGE_HOSTS", "")),
             max_body_bytes=_int(env, "MADSEG_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024),
+            body_timeout_s=_float(env, "MADSEG_BODY_TIMEOUT", 30.0),
             max_tasks=_int(env, "MADSEG_MAX_TASKS", 100),
             max_image_bytes=_int(env, "MADSEG_MAX_IMAGE_BYTES", 32 * 1024 * 1024, minimum=1024),
             max_image_pixels=_int(env, "MADSEG_MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64),

@@ -3,8 +3,11 @@
 - :class:`BodyLimit` is WSGI middleware: a body whose ``Content-Length`` is over the limit is
   answered 413 without reading a byte of it; a body without a length (``Transfer-Encoding:
   chunked``) is read into memory only up to the limit, and answered 413 as soon as it passes it.
-  The app below sees a body of known length that fits. (Werkzeug 2.0.2, pinned by label-studio-ml
-  1.0.9, ignores ``MAX_CONTENT_LENGTH`` for ``get_json``; this does not depend on it.)
+  Every body is read within ``read_timeout_s`` (under gunicorn a watchdog shuts the socket's read
+  side at that time), else 408: a client that sends its body a byte at a time cannot hold a server
+  thread. The app below sees a body of known length that fits, already in memory. (Werkzeug 2.0.2,
+  pinned by label-studio-ml 1.0.9, ignores ``MAX_CONTENT_LENGTH`` for ``get_json``; this does not
+  depend on it.)
 - :class:`Deadline` is the time budget of one request (monotonic clock).
 - :class:`ConcurrencyGate` lets at most ``n`` heavy requests run at once and refuses the next one at
   once instead of queueing it, so a server thread always stays free for ``/health``.
@@ -12,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,39 +61,86 @@ def _json_error(start_response: Callable[..., Any], status: str, message: str) -
     return [body]
 
 
-class BodyLimit:
-    """WSGI middleware refusing request bodies over ``max_bytes`` with 413 (module docstring)."""
+class _TooLarge(Exception):
+    pass
 
-    def __init__(self, app: WSGIApp, max_bytes: int) -> None:
+
+class BodyLimit:
+    """WSGI middleware refusing request bodies over ``max_bytes`` with 413, and bodies that do not
+    arrive within ``read_timeout_s`` with 408 (module docstring)."""
+
+    def __init__(self, app: WSGIApp, max_bytes: int, read_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.read_timeout_s = float(read_timeout_s)
 
     def _too_large(self, start_response: Callable[..., Any]) -> list[bytes]:
         return _json_error(start_response, "413 Request Entity Too Large",
                            f"request body larger than {self.max_bytes} bytes")
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        length = (environ.get("CONTENT_LENGTH") or "").strip()
-        chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
-        if length and not chunked:
-            if not length.isascii() or not length.isdigit():
-                return _json_error(start_response, "400 Bad Request", "invalid Content-Length")
-            if int(length) > self.max_bytes:
-                return self._too_large(start_response)
-            return self.app(environ, start_response)
-        if not chunked:
-            return self.app(environ, start_response)
+    def _read(self, environ: dict[str, Any], length: int | None) -> bytes:
+        """The body (``length`` bytes, or up to the end of a chunked one) within the time limit.
+
+        Raises :class:`_TooLarge` past ``max_bytes`` and :class:`TimeoutError` when time is up.
+        """
         stream = environ["wsgi.input"]
+        sock = environ.get("gunicorn.socket")
+        expired = threading.Event()
+
+        def _cut() -> None:
+            expired.set()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)  # the blocked read returns; the answer can still be sent
+
+        watchdog = threading.Timer(self.read_timeout_s, _cut)
+        watchdog.daemon = True
+        watchdog.start()
         buf = bytearray()
-        while True:
-            piece = stream.read(min(1 << 16, self.max_bytes + 1 - len(buf)))
-            if not piece:
-                break
-            buf += piece
-            if len(buf) > self.max_bytes:
+        try:
+            while length is None or len(buf) < length:
+                want = 1 << 16 if length is None else min(1 << 16, length - len(buf))
+                piece = stream.read(min(want, self.max_bytes + 1 - len(buf)))
+                if expired.is_set():
+                    raise TimeoutError
+                if not piece:
+                    break
+                buf += piece
+                if len(buf) > self.max_bytes:
+                    raise _TooLarge
+        except _TooLarge:
+            raise
+        except Exception as exc:  # after the cut, a reset, gunicorn's NoMoreData: the body did not arrive
+            raise TimeoutError from exc
+        finally:
+            watchdog.cancel()
+        if expired.is_set() or (length is not None and len(buf) < length):
+            raise TimeoutError
+        return bytes(buf)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        length_raw = (environ.get("CONTENT_LENGTH") or "").strip()
+        chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
+        length: int | None = None
+        if length_raw and not chunked:
+            if not length_raw.isascii() or not length_raw.isdigit():
+                return _json_error(start_response, "400 Bad Request", "invalid Content-Length")
+            length = int(length_raw)
+            if length > self.max_bytes:
                 return self._too_large(start_response)
-        environ["wsgi.input"] = io.BytesIO(bytes(buf))
-        environ["CONTENT_LENGTH"] = str(len(buf))
+            if length == 0:
+                return self.app(environ, start_response)
+        elif not chunked:
+            return self.app(environ, start_response)
+        try:
+            body = self._read(environ, length)
+        except _TooLarge:
+            return self._too_large(start_response)
+        except TimeoutError:
+            return _json_error(start_response, "408 Request Timeout",
+                               f"request body not received within {self.read_timeout_s:g} s")
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["wsgi.input_terminated"] = True
         return self.app(environ, start_response)

@@ -103,7 +103,7 @@ def hosts(image_bytes: bytes) -> Iterator[dict[str, TestServer]]:
 def backend(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, TestServer]) -> Iterator[Proc]:
     tmp = tmp_path_factory.mktemp("secproc")
     env = _env(tmp, free_port(), MADSEG_BACKEND_THREADS="4", MADSEG_MAX_BODY_BYTES=str(LIMIT),
-               MADSEG_PREDICT_DEADLINE="4",
+               MADSEG_PREDICT_DEADLINE="4", MADSEG_BODY_TIMEOUT="2",
                MADSEG_IMAGE_HOSTS=f"127.0.0.1:{hosts['good'].port},127.0.0.1:{hosts['slow'].port}")
     proc = Proc(env, tmp / "backend.log")  # no MADSEG_BACKEND_HOST: the default address
     yield proc
@@ -185,6 +185,24 @@ def test_chunked_body_over_the_limit_is_413(backend: Proc) -> None:
     body = b'{"action": "PROJECT_UPDATED"}'
     answer, _ = _raw(backend.url, head, [f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"])
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_body_timeout(backend: Proc) -> None:
+    """Six clients each announce 100 kB and send one byte per second (more clients than threads):
+    each gets 408 after MADSEG_BODY_TIMEOUT (2 s) instead of holding a thread for 100 000 s."""
+    head = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _raw(backend.url, head, [b" "] * 30, pause=1.0)[0], range(6)))
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:40] for a in answers]
+    assert time.monotonic() - t0 < 12
+    h0 = time.monotonic()
+    assert requests.get(f"{backend.url}/health", timeout=5).status_code == 200
+    assert time.monotonic() - h0 < 1.0
+    # positive control: a body that arrives in time is read and answered
+    ok = requests.post(f"{backend.url}/webhook", json={"action": "PROJECT_UPDATED"}, timeout=10)
+    assert ok.status_code == 200
 
 
 # -- deadlines and /health under load ------------------------------------------------------------------
