@@ -99,6 +99,10 @@ def _backend(args: argparse.Namespace) -> int:
     if changes:
         config = config.with_(**changes)
     check_exposure(config)
+    if os.environ.get("LABEL_STUDIO_URL", "").strip():
+        from .model import check_label_studio_url
+
+        check_label_studio_url(os.environ["LABEL_STUDIO_URL"].strip())
     config.local_files_policy()  # a document root of / with nothing narrower: one clear error
     log.info("madseg backend on %s:%d, target %s, model dir %s, queue %s", config.host, config.port,
              config.target["name"], config.model_dir, "redis" if config.redis_url else "in-process")

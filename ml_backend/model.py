@@ -179,6 +179,14 @@ def model_cache(config: BackendConfig) -> ModelCache:
         return cache
 
 
+def check_label_studio_url(url: str) -> None:
+    """:class:`MadsegError` naming ``LABEL_STUDIO_URL`` when it is not an absolute http(s) URL."""
+    try:
+        origin_of(url)
+    except UrlRefused as exc:
+        raise MadsegError(f"LABEL_STUDIO_URL={url!r}: {exc}; give e.g. http://localhost:8080") from None
+
+
 def image_source(
     config: BackendConfig, hostname: str = "", access_token: str = "", setup_trusted: bool = False,
     env: dict[str, str] | None = None,
@@ -195,6 +203,8 @@ def image_source(
     env = dict(os.environ) if env is None else env
     ls_url = env.get("LABEL_STUDIO_URL", "").strip() or None
     api_key = env.get("LABEL_STUDIO_API_KEY", "").strip()
+    if ls_url:
+        check_label_studio_url(ls_url)
     setup_origin = None
     if hostname:
         try:

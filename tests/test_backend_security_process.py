@@ -135,6 +135,18 @@ def test_exposure_rule_positive_controls(tmp_path: Path) -> None:
     assert not is_loopback_host("0.0.0.0") and not is_loopback_host("10.0.0.1")
 
 
+def test_a_label_studio_url_that_is_not_http_is_refused_at_start(tmp_path: Path) -> None:
+    from ml_backend.errors import MadsegError
+    from ml_backend.model import check_label_studio_url
+
+    check_label_studio_url("http://label-studio:8080")  # positive control
+    for bad in ("localhost:8080", "file:///etc", "/data", "http://user:pw@ls:8080"):
+        with pytest.raises(MadsegError, match="LABEL_STUDIO_URL"):
+            check_label_studio_url(bad)
+    r = _run_cli(_env(tmp_path, free_port(), LABEL_STUDIO_URL="ftp://ls:21"))
+    assert r.returncode == 2 and "LABEL_STUDIO_URL" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_a_document_root_of_slash_is_refused_at_start(tmp_path: Path) -> None:
     r = _run_cli(_env(tmp_path, free_port(), LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="/"))
     assert r.returncode == 2 and "document root of /" in r.stderr and "Traceback" not in r.stderr
