@@ -274,10 +274,10 @@ def list_models() -> list[dict[str, Any]]:
     out.append({
         "name": "class_map=<map>",
         "kind": "option of every entry",
-        "trainable": False,
+        "trainable": True,
         "options": f"shipped maps: {', '.join(shipped_class_maps())}; or a .toml/.json map file",
-        "description": "predict in another class list (e.g. an ADE20K model in a VOC experiment); see "
-                       "ml_backend/zoo/classmaps/README.md",
+        "description": "predict in another class list (e.g. an ADE20K model in a VOC experiment); trainable "
+                       "when its model is; see ml_backend/zoo/classmaps/README.md",
         "example": '{ name = "onnx", checkpoint = "ade.onnx", options = { class_map = "ade20k-voc" } }',
         "checkpoints": [],
     })
