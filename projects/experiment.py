@@ -11,6 +11,9 @@ Sections and keys (defaults in brackets)::
     [pool]        folders [[]], lists [[]]            (at least one folder or list file)
     [target]      key, name, checkpoint, options [{}]
     [[competitors]] key, name, checkpoint, options    (at least one)
+                  (name: a zoo name, ``onnx:<file>`` / ``hf:<folder>``, or a model file; options are
+                  type-checked; ``options.class_map``: a shipped map or a map file, see
+                  ml_backend/zoo/classmaps/README.md)
     [s0] / [t0]   root, subset ["half0" / "half1"]    (folders with images/ and masks/)
     [selection]   n3, n4, test_size [30], max_per_class [4], bounds ["auto"],
                   bounds_method ["quartiles"], min_count [5], order ["failures"],
