@@ -386,3 +386,18 @@ def test_global_cap_on_queued_jobs_in_redis_mode(tmp_path) -> None:
         assert q.queue.count == 2
     finally:
         purge_queue(conn, name)
+
+
+def test_label_studio_redirect_to_another_origin_in_predict(tree, monkeypatch, servers, image_bytes) -> None:
+    """Label Studio answers an image URL with a redirect to another (listed) host: the image is
+    fetched, but the API key is not sent there; a redirect to an unlisted host is refused."""
+    cdn = servers({"/img.jpg": lambda r: (200, {}, image_bytes)})
+    internal = servers({"/": lambda r: (200, {}, b"secret")})
+    ls = servers({"/data/upload/1/a.jpg": lambda r: (302, {"Location": f"{cdn.url}/img.jpg"}, b""),
+                  "/data/upload/1/b.jpg": lambda r: (302, {"Location": f"{internal.url}/"}, b"")})
+    cfg = _config(tree, image_hosts=parse_host_rules(f"127.0.0.1:{cdn.port}"))
+    c = _client(cfg, monkeypatch, {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": API_KEY})
+    assert _painted(_predict(c, ["/data/upload/1/a.jpg", "/data/upload/1/b.jpg"])) == [True, False]
+    assert all(r.headers.get("Authorization") == f"Token {API_KEY}" for r in ls.requests)
+    assert [r.headers.get("Authorization") for r in cdn.requests] == [None]
+    assert internal.requests == []
