@@ -234,8 +234,12 @@ class BackendConfig:
         return None
 
     def job_settings(self) -> dict[str, Any]:
-        """The JSON-serialisable part a queued job carries (no secrets)."""
+        """The JSON-serialisable part a queued job carries (no secrets). ``images``: where the job's
+        export may read task images from (the same policy as ``/predict``)."""
+        from .labelstudio.export import ExportImagePolicy
+
         return {
+            "images": ExportImagePolicy.from_backend_config(self).to_json(),
             "target": self.target,
             "model_dir": str(self.model_dir),
             "queue_name": self.queue_name,

@@ -246,21 +246,23 @@ def read_job_status(model_dir: str | os.PathLike[str], job_id: str) -> dict[str,
 
 
 def export_training_data(
-    project_ids: list[int], out_dir: Path, class_names: list[str], document_root: str | None = None
+    project_ids: list[int], out_dir: Path, class_names: list[str], images: dict[str, Any] | None = None
 ) -> int:
     """Export every finished mask of ``project_ids`` into the labelled folder ``out_dir``.
 
     Uses :func:`ml_backend.labelstudio.export.export_masks` with the connection from ``LABEL_STUDIO_URL`` /
-    ``LABEL_STUDIO_API_KEY`` (task images are read under ``document_root``, default
-    ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``); returns the number of (image, mask) pairs written.
+    ``LABEL_STUDIO_API_KEY``. Task images come only from where ``images`` (the job settings' ``images``,
+    :meth:`ml_backend.labelstudio.export.ExportImagePolicy.to_json`) allows, the same places as
+    ``/predict``; without it nothing is read from disk. Returns the number of (image, mask) pairs written.
     """
     from .labelstudio.client import connect
-    from .labelstudio.export import export_masks
+    from .labelstudio.export import ExportImagePolicy, export_masks
 
+    policy = ExportImagePolicy.from_json(images)
     ls = connect()
     total = 0
     for pid in project_ids:
-        total += len(export_masks(ls, pid, out_dir, classes=class_names, document_root=document_root))
+        total += len(export_masks(ls, pid, out_dir, classes=class_names, images=policy))
     return total
 
 
@@ -385,8 +387,7 @@ def run_finetune_job(job_id: str, project_id: int, settings: dict[str, Any]) -> 
         data_dir = work / "data"
         if data_dir.exists():
             shutil.rmtree(data_dir)
-        n_train = export_training_data(projects, data_dir, list(model.class_names),
-                                       settings.get("document_root"))
+        n_train = export_training_data(projects, data_dir, list(model.class_names), settings.get("images"))
         if n_train == 0:
             log.info("fine-tune job %s: no finished masks in project(s) %s; nothing to do", job_id, projects)
             _write_status(model_dir, job_id, state="skipped", project=project_id, projects=projects,

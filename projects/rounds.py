@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
@@ -69,6 +69,9 @@ from .experiment import ExperimentConfig
 from .layout import ExperimentLayout, RoundLayout, round_dir
 from .mos import choose_lowest as lowest_mos  # S(i): the n4 lowest MOS (one function, projects.mos)
 from .state import RoundState, served_round
+
+if TYPE_CHECKING:
+    from ml_backend.labelstudio.export import ExportImagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -691,8 +694,18 @@ class Services:
                            ignore=o.ignore, progress=self.options.progress)
         client = self.client()
         self._wait("masks", lambda: segmentation_progress(client, pid))
-        return export_masks(client, pid, out, classes=list(self.exp.classes),
-                            document_root=self.exp.document_root())
+        return export_masks(client, pid, out, classes=list(self.exp.classes), images=self.export_images())
+
+    def export_images(self) -> ExportImagePolicy:
+        """Where the round's mask export may read task images from: the experiment's pool folders under
+        its document root, never its ground-truth mask folders (``projects.backend_settings``)."""
+        from ml_backend.labelstudio.export import ExportImagePolicy
+
+        from .backend_settings import backend_settings
+
+        s = backend_settings(self.exp)
+        return ExportImagePolicy.for_folders(s.document_root or self.exp.document_root(), s.pool_dirs,
+                                             s.ground_truth)
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> dict[str, Any]:
