@@ -61,12 +61,16 @@ _BASE: dict[str, Any] = {"lrs": (1e-4,), "scale_range": (0.75, 1.25)}
 #: schedule). "default" = FinetuneConfig() as shipped (its first learning rate).
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
-        "all_lr1e-4": dict(_BASE),
+    "all_lr1e-4": dict(_BASE),
     "all_lr1e-4_scale0.5-2": {**_BASE, "scale_range": (0.5, 2.0)},
+    "all_lr3e-5": {**_BASE, "lrs": (3e-5,)},
     "all_lr1e-5_long": {**_BASE, "lrs": (1e-5,), "steps_mult": 2.0},
     "enc0.1_lr1e-4": {**_BASE, "encoder_lr_mult": 0.1},
+    "enc0.1_lr3e-5": {**_BASE, "lrs": (3e-5,), "encoder_lr_mult": 0.1},
     "decoder_lr1e-3": {**_BASE, "lrs": (1e-3,), "encoder_lr_mult": 0.0},
-    "l2sp_lr1e-4": {**_BASE, "l2sp_weight": 0.01},
+    "decoder_lr1e-4": {**_BASE, "encoder_lr_mult": 0.0},
+    "l2sp_lr1e-4": {**_BASE, "l2sp_weight": 100.0},
+    "l2sp_lr3e-5": {**_BASE, "lrs": (3e-5,), "l2sp_weight": 300.0},
     "balanced_lr1e-4": {**_BASE, "sampling": "balanced"},
     "pseudo_lr1e-4": {**_BASE, "pseudo": True},
     "ema_lr1e-4": {**_BASE, "ema_decay": 0.9},
@@ -107,7 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="default", choices=sorted(METHODS), help="fine-tune method")
     g.add_argument("--steps", type=int, default=60,
                    help="SGD steps per fine-tune (epochs = ceil(steps / steps per epoch))")
-    g.add_argument("--crop", type=int, default=192, help="training crop side (inference stays at 256)")
+    g.add_argument("--crop", type=int, default=192,
+                   help="training crop side (inference stays at the model's input size; the scale range "
+                        "is relative to that size)")
     g.add_argument("--test-size", type=int, default=30, help="failure-zone test-set size")
     g.add_argument("--dev", action="store_true", help="compare METHODS on the dev split (n4 = 40, seed 0)")
     g.add_argument("--dev-methods", default=",".join(m for m in METHODS if m != "default"),
@@ -282,6 +288,11 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
     cfg = FinetuneConfig(**base)
     if len(cfg.lrs) > 1:
         cfg.lrs = cfg.lrs[:1]
+    cfg.steps = None
+    # scale_range is relative to the inference scale: a crop smaller than the model's input size
+    # is cut from the image resized to the input size (times the random factor), not to the crop
+    ratio = model.input_size[0] / job["crop"]
+    cfg.scale_range = (cfg.scale_range[0] * ratio, cfg.scale_range[1] * ratio)
     pseudo = None
     if use_pseudo and job.get("pseudo_dir"):
         pf = LabelledFolder(job["pseudo_dir"])
@@ -305,6 +316,7 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
     sets[job["t0_name"]] = summarize(t0_cm)
     losses = res.runs[0]["train_loss"] if res.runs else []
     return {"key": job["key"], "sets": sets, "epochs": cfg.epochs, "lr": res.lr,
+            "scale_range_at_crop": [round(v, 3) for v in cfg.scale_range],
             "train_loss": [round(v, 4) for v in losses],
             "seconds": {"finetune": round(t_train, 1), "evaluate": round(time.time() - t1, 1)}}
 
@@ -417,7 +429,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if key in result["cells"]:
                         continue
                     cfg = METHODS[method]
-                    what = [key, cfg, args.steps, args.crop, args.ft_target, args.dev]
+                    # what is trained (not where it is evaluated): dev and test cells share runs
+                    what = [cfg, [stems[i] for i in train_idx], seed, args.steps, args.crop, args.ft_target,
+                            args.s0, "inference-scale"]
                     blob = json.dumps(what, sort_keys=True, default=str).encode()
                     tag = hashlib.sha256(blob).hexdigest()[:12]
                     jobs.append({
@@ -434,8 +448,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                 "train": [stems[i] for i in train_idx],
                                                 "set_sizes": {k: len(v) for k, v in sets.items()}},
                     })
-    # the headline cells first (failures, n4 = 40), so that a partial run still answers the target
-    jobs.sort(key=lambda j: (j["meta"]["chooser"] != "failures", j["meta"]["n4"] != 40, j["meta"]["n4"],
+    # the headline cells first (failures, n4 = 40), so that a partial run still answers the target,
+    # then the entropy baseline at n4 = 40, then the rest of the curve
+    jobs.sort(key=lambda j: (j["meta"]["n4"] != 40, j["meta"]["chooser"] != "failures", j["meta"]["n4"],
                              j["meta"]["seed"]))
     result["f0"] = f0_rows
     result["timings"] = {**result.get("timings", {}), **timings}
@@ -490,12 +505,44 @@ def summary(cells: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The summary as a markdown table: per (method, n4, chooser) f(0) -> f(1) mean ± std over seeds."""
+    rows = ["| method / n4 / chosen by | seeds | set | f(0) mIoU | f(1) mIoU | delta mIoU (mean ± std) "
+            "| delta GT-class mIoU | fine-tune s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
+    for g, row in result.get("summary", {}).items():
+        sets = sorted({k.split(".")[0] for k in row if "." in k})
+        for s in sets:
+            f0, f1 = row[f"{s}.miou.f0"], row[f"{s}.miou"]
+            d, dg = row[f"{s}.miou.delta"], row[f"{s}.gt_miou.delta"]
+            rows.append(f"| {g} | {len(row['seeds'])} | {s} | {f0['mean']:.3f} | {f1['mean']:.3f} | "
+                        f"{d['mean']:+.3f} ± {d['std']:.3f} | {dg['mean']:+.3f} ± {dg['std']:.3f} | "
+                        f"{row['finetune_s']['mean']:.0f} | {row['evaluate_s']['mean']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the cells of these result files into --json (runs from separate processes)")
     args = ap.parse_args(argv)
+    if args.merge:
+        target = Path(args.json)
+        result = json.loads(target.read_text(encoding="utf-8"))
+        for other in args.merge:
+            data = json.loads(Path(other).read_text(encoding="utf-8"))
+            result["cells"].update(data["cells"])
+            result["f0"].update(data.get("f0", {}))
+        result["summary"] = summary(result["cells"])
+        _write(target, result)
+        print(markdown(result))
+        return 0
+    if args.table:
+        print(markdown(json.loads(Path(args.json).read_text(encoding="utf-8"))))
+        return 0
     try:
-        run(args)
+        print(markdown(run(args)))
     except MadsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

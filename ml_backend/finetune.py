@@ -528,6 +528,8 @@ def finetune(
             f"finetune: choosing among learning rates {list(cfg.lrs)} needs a validation set (val=); "
             "pass one, or a single learning rate"
         )
+    if cfg.steps is not None:
+        cfg.epochs = max(1, math.ceil(cfg.steps / max(1, math.ceil(len(train) / cfg.batch_size))))
     crop = parse_size(cfg.crop_size) if cfg.crop_size is not None else model.input_size
     c = model.num_classes
     for name, data in (("train", train), ("replay", replay), ("val", val), ("pseudo", pseudo)):

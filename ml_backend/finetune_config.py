@@ -20,13 +20,19 @@ SAMPLING_MODES = ("uniform", "balanced")
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune`.
 
-    The defaults are the safe recipe chosen by ``benchmarks/efficacy_finetune.py`` (see the
-    README); ``PRESETS["paper"]`` is the paper's recipe. ``lrs``: one rate, or a grid chosen by
-    mIoU on ``val``. ``replay_batch_size``: S(0) images mixed into each step (default =
-    ``batch_size``). ``lwf_weight``: weight of the distillation term when unlabelled images are
-    given. ``freeze_bn``: keep BatchNorm statistics fixed (a batch of 2 + 2 images gives noisy
-    statistics); BN affine parameters are still trained. ``crop_size``: training crop (default: the
-    model's input size).
+    The defaults are the recipe chosen on a DEV split by ``benchmarks/efficacy_finetune.py``: one LR
+    3e-5, all layers, global-norm clip 10, 40 steps in the ``demo`` preset (LR 1e-4 with all layers,
+    with a 0.1 encoder LR or with L2-SP did more harm to T(0) on the dev split; the numbers are in
+    the README). The scale range 0.75-1.25 of the inference scale was not benchmarked here: the
+    issue measured that 0.5-2.0 hurts. ``PRESETS["paper"]`` is the paper's recipe. ``lrs``: one
+    rate, or a grid chosen on ``val``. ``replay_batch_size``: S(0) images mixed into each step
+    (default = ``batch_size``). ``lwf_weight``: weight of the distillation term when unlabelled
+    images are given. ``freeze_bn``: keep BatchNorm statistics fixed (a batch of 2 + 2 images gives
+    noisy statistics); BN affine parameters are still trained. ``crop_size``: training crop
+    (default: the model's input size).
+
+    ``steps``: when set, the number of SGD steps; it replaces ``epochs`` (epochs = ceil(steps /
+    steps per epoch), so a few labelled images get as many updates as many do).
 
     Stability: ``clip_grad_norm`` clips the global gradient norm of each step (None = off); a
     non-finite loss or gradient stops the run with :class:`MadsegError` and writes no checkpoint.
@@ -42,14 +48,15 @@ class FinetuneConfig:
     agree, 255 elsewhere), ``pseudo_batch_size`` of them per step.
     """
 
-    epochs: int = 80
+    epochs: int = 5
+    steps: int | None = None
     batch_size: int = 2
     replay_batch_size: int | None = None
-    lrs: tuple[float, ...] = DEFAULT_LR_GRID
+    lrs: tuple[float, ...] = (3e-5,)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_range: tuple[float, float] = (0.75, 1.25)
     flip: bool = True
     crop_size: tuple[int, int] | None = None
     lwf_weight: float = 1.0
@@ -69,6 +76,8 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise :class:`MadsegError` for impossible values."""
+        if self.steps is not None and self.steps < 1:
+            raise MadsegError(f"finetune: steps must be >= 1 (or unset), got {self.steps}")
         if self.epochs < 1 or self.batch_size < 1:
             raise MadsegError(
                 f"finetune: epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1"
@@ -100,11 +109,11 @@ class FinetuneConfig:
 #: The fine-tune presets (one source of truth: ``madseg finetune --preset`` and the experiment's
 #: ``[finetune] preset`` both read them). ``paper``: the paper's recipe (80 epochs, LR grid
 #: {1, 5, 10}e-5, scale 0.5-2.0) plus the stability guards; ``demo``: the defaults of
-#: :class:`FinetuneConfig` (chosen on a dev split by ``benchmarks/efficacy_finetune.py``) with few
-#: epochs for the 2-core demo.
+#: :class:`FinetuneConfig` (chosen on a dev split by ``benchmarks/efficacy_finetune.py``) with the
+#: benchmark's schedule of 40 SGD steps whatever the number of labelled images.
 PRESETS: dict[str, FinetuneConfig] = {
     "paper": FinetuneConfig(epochs=80, lrs=DEFAULT_LR_GRID, scale_range=(0.5, 2.0)),
-    "demo": FinetuneConfig(),
+    "demo": FinetuneConfig(steps=40),
 }
 
 

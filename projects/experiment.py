@@ -31,10 +31,14 @@ is the shared data folder (``ml_backend.shared.shared_dir()``, i.e. ``$MADSEG_SH
 ``${NAME}`` / ``$NAME`` an environment variable (``${MADSEG_SHARED}`` falls back to
 ``shared_dir()`` when unset; any other unset variable is an error). ``~`` is the home folder.
 
-Fine-tune presets: ``paper`` (80 epochs, batch 2, LR grid {1, 5, 10}e-5, replay of S(0)) and
-``demo`` (5 epochs, batch 2, one LR 1e-4, replay): explicit keys in ``[finetune]`` override the
-preset's values, and ``load_experiment(..., preset="paper")`` swaps the preset (the
-"one flag away" switch of ``madseg demo``).
+Fine-tune presets (``ml_backend.finetune.PRESETS``, shared with ``madseg finetune --preset``):
+``paper`` (80 epochs, batch 2, LR grid {1, 5, 10}e-5, scale 0.5-2.0, replay of S(0)) and ``demo``
+(40 SGD steps, batch 2, one LR 3e-5, scale 0.75-1.25, replay; chosen on a dev split by
+``benchmarks/efficacy_finetune.py``). ``[finetune]`` keys are ``FinetuneConfig`` field names
+(``lr_grid`` = ``lrs``; ``steps`` = 0 means use ``epochs``; ``clip_grad_norm`` = 0 means no
+clipping; ``scale_range`` = [min, max]); ``FinetuneSettings.to_config`` builds the config. Explicit
+keys in ``[finetune]`` override the preset's values, and ``load_experiment(..., preset="paper")``
+swaps the preset (the "one flag away" switch of ``madseg demo``).
 
 Every mistake is reported as one :class:`~ml_backend.errors.MadsegError` naming the file and the
 key, e.g. ``experiment.toml: [selection] n3 must be a positive integer, got -1``.
@@ -66,7 +70,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 #: and the LwF weight 0 (LwF is the separate "f(1) LwF" variant) in both.
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     name: {
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr_grid": tuple(cfg.lrs), "replay": True,
+        "epochs": cfg.epochs, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr_grid": tuple(cfg.lrs),
+        "replay": True,
         "lwf_weight": 0.0, "scale_range": tuple(cfg.scale_range), "clip_grad_norm": cfg.clip_grad_norm,
         "encoder_lr_mult": cfg.encoder_lr_mult, "sampling": cfg.sampling, "l2sp_weight": cfg.l2sp_weight,
         "ema_decay": cfg.ema_decay,
@@ -92,7 +97,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "n3", "n4", "test_size", "max_per_class", "bounds", "bounds_method", "min_count", "order",
         "rating_budget", "metric", "working_size", "baseline",
     ),
-    "finetune": ("preset", "epochs", "batch_size", "lr_grid", "replay", "lwf_weight", "scale_range",
+    "finetune": ("preset", "epochs", "steps", "batch_size", "lr_grid", "replay", "lwf_weight", "scale_range",
                  "clip_grad_norm", "encoder_lr_mult", "sampling", "l2sp_weight", "ema_decay"),
     "label_studio": ("url", "api_key_env", "document_root", "raters_per_task", "backend_url"),
     "oracle": ("enabled", "gt", "noise", "thresholds", "ignore", "seed"),
@@ -217,10 +222,11 @@ class FinetuneSettings:
     sampling: str = "uniform"
     l2sp_weight: float = 0.0
     ema_decay: float = 0.0
+    steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "preset": self.preset, "epochs": self.epochs, "batch_size": self.batch_size,
+            "preset": self.preset, "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
             "lr_grid": list(self.lr_grid), "replay": self.replay, "lwf_weight": self.lwf_weight,
             "scale_range": list(self.scale_range), "clip_grad_norm": self.clip_grad_norm,
             "encoder_lr_mult": self.encoder_lr_mult, "sampling": self.sampling,
@@ -232,7 +238,8 @@ class FinetuneSettings:
         ``lwf_weight`` or 1.0; otherwise ``lwf_weight`` as set)."""
         lwf_weight = (self.lwf_weight or 1.0) if lwf else self.lwf_weight
         return replace(
-            FT_PRESETS[self.preset], epochs=self.epochs, batch_size=self.batch_size, lrs=tuple(self.lr_grid),
+            FT_PRESETS[self.preset], epochs=self.epochs, steps=self.steps, batch_size=self.batch_size,
+            lrs=tuple(self.lr_grid),
             lwf_weight=lwf_weight, scale_range=tuple(self.scale_range), clip_grad_norm=self.clip_grad_norm,
             encoder_lr_mult=self.encoder_lr_mult, sampling=self.sampling, l2sp_weight=self.l2sp_weight,
             ema_decay=self.ema_decay, seed=seed,
@@ -711,6 +718,7 @@ def _parse(raw: dict[str, Any], path: Path, check_paths: bool) -> ExperimentConf
         sampling=r.choice(ft, w, "sampling", base["sampling"], SAMPLING_MODES),
         l2sp_weight=r.float_(ft, w, "l2sp_weight", base["l2sp_weight"]),
         ema_decay=r.float_(ft, w, "ema_decay", base["ema_decay"], hi=0.9999),
+        steps=_steps(r, ft, w, base["steps"]),
     )
 
     # [label_studio]
@@ -781,4 +789,13 @@ def _clip(r: Any, ft: Mapping[str, Any], w: str, default: float | None) -> float
     if "clip_grad_norm" not in ft:
         return default
     v = r.float_(ft, w, "clip_grad_norm", 0.0)
+    return None if v == 0 else v
+
+
+def _steps(r: Any, ft: Mapping[str, Any], w: str, default: int | None) -> int | None:
+    """``steps`` (SGD steps, replacing epochs); 0 = use ``epochs``. An explicit ``epochs`` without
+    ``steps`` means epochs."""
+    if "steps" not in ft:
+        return None if "epochs" in ft else default
+    v = r.int_(ft, w, "steps", minimum=0)
     return None if v == 0 else v

@@ -263,7 +263,8 @@ def test_lr_grid_chooses_by_val_miou(model, tmp_path: Path) -> None:
 def test_finetune_bad_requests(model, tmp_path: Path) -> None:
     train = LabelledFolder(VOC, TRAIN_STEMS[:2])
     with pytest.raises(MadsegError, match="needs a validation set"):
-        finetune(model, train, tmp_path / "x", config=FinetuneConfig(epochs=1), progress=False)
+        finetune(model, train, tmp_path / "x", config=FinetuneConfig(epochs=1, lrs=(1e-5, 1e-4)),
+                 progress=False)
     tfl = load_model("tflite")
     with pytest.raises(MadsegError, match="cannot be fine-tuned"):
         finetune(tfl, train, tmp_path / "y", config=_cfg(), progress=False)
@@ -485,3 +486,13 @@ def test_presets_are_one_source_and_cli_uses_them(tmp_path: Path, capsys) -> Non
     hp = read_sidecar(tmp_path / "o" / "model.pth")["hyperparameters"]
     assert hp["epochs"] == 1 and hp["lrs"] == [1e-3] and hp["encoder_lr_mult"] == 0.1
     assert hp["scale_range"] == list(PRESETS["paper"].scale_range)
+
+
+def test_steps_replace_epochs(model, tmp_path: Path) -> None:
+    """``steps`` = 5 SGD steps over 4 pairs in batches of 2 (2 steps per epoch) -> 3 epochs."""
+    res = finetune(model, LabelledFolder(VOC, TRAIN_STEMS), tmp_path / "s", config=_cfg(epochs=1, steps=5),
+                   progress=False)
+    assert len(res.runs[0]["train_loss"]) == 3
+    assert read_sidecar(res.checkpoint)["hyperparameters"]["epochs"] == 3
+    with pytest.raises(MadsegError, match="steps must be >= 1"):
+        FinetuneConfig(steps=0).validate()
