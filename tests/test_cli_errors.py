@@ -121,3 +121,14 @@ def test_experiment_wrong_types_name_file_and_key(tmp_path: Path) -> None:
     for table, needles in cases:
         cfg = write_experiment(tmp_path, table)
         one_error(madseg(["round", "--config", str(cfg), "--quiet"], cache=str(tmp_path / "cache")), *needles)
+
+
+def test_demo_checks_models_before_starting_servers(tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, GOOD + '\n[[competitors]]\nkey = "y"\nname = "nope"\n')
+    run = tmp_path / "run"
+    p = madseg(["demo", "--config", str(cfg), "--dir", str(run), "--port", "1", "--backend-port", "2"],
+               cache=str(tmp_path / "cache"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "error: pre-flight check of the demo's models found 1 problem(s)" in p.stderr
+    assert "  - model [[competitors]] y: unknown model name 'nope'" in p.stderr
+    assert not run.exists()  # no Label Studio data dir, no credentials: nothing was started
