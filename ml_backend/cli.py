@@ -97,6 +97,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "crop_size": (args.crop_size, args.crop_size) if args.crop_size else None,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    elif args.epochs is not None:
+        overrides["steps"] = None  # explicit epochs replace the preset's step count
     if args.train_bn:
         overrides["freeze_bn"] = False
     if args.no_clip:
@@ -162,6 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="recipe the other flags override (ml_backend.finetune.PRESETS; default demo: the "
                         "benchmark-chosen defaults; paper: 80 epochs, LR grid 1e-5,5e-5,1e-4, scale 0.5-2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="SGD steps, replacing --epochs (default: the preset's; demo: 40)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", default=None,
                    help="learning rate or comma-separated grid chosen on --val (default: the preset's)")

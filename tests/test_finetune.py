@@ -486,6 +486,13 @@ def test_presets_are_one_source_and_cli_uses_them(tmp_path: Path, capsys) -> Non
     hp = read_sidecar(tmp_path / "o" / "model.pth")["hyperparameters"]
     assert hp["epochs"] == 1 and hp["lrs"] == [1e-3] and hp["encoder_lr_mult"] == 0.1
     assert hp["scale_range"] == list(PRESETS["paper"].scale_range)
+    # the demo preset counts steps; an explicit --epochs replaces them, --steps sets them
+    assert PRESETS["demo"].steps == 40
+    rc = main(["finetune", "--model", "espnetv2", "--option", "scale=0.5", "--option", f"input_size={SIZE}",
+               "--train", str(train_dir), "--out", str(tmp_path / "d"), "--steps", "3", "--no-progress",
+               "--device", "cpu"])
+    hp = read_sidecar(tmp_path / "d" / "model.pth")["hyperparameters"]
+    assert rc == 0 and hp["steps"] == 3 and hp["epochs"] == 3 and hp["lrs"] == list(PRESETS["demo"].lrs)
 
 
 def test_steps_replace_epochs(model, tmp_path: Path) -> None:
