@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ModelError
 from .base import ModelSpec, TorchSegmentationModel, parse_size
 from .checkpoints import load_into, read_sidecar, read_state_dict, require_file
-from .hashing import file_sha256, make_version
+from .hashing import file_sha256
+from .torch_entries import MainOutput, hw_slug, torch_model
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,9 @@ def import_transformers() -> Any:
     return transformers
 
 
-class HFSemanticModule(nn.Module):
+class HFSemanticModule(MainOutput):
     """``forward(pixel_values [B, 3, H, W]) -> logits [B, C, H, W]`` for a ``transformers`` model whose
     output has ``logits`` [B, C, h, w] (upsampled bilinearly to (H, W) when smaller)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(pixel_values=x)
@@ -219,11 +215,14 @@ def load_hf(
                                  "mean": list(mean), "std": list(std)}
     if names_opt is not None:
         spec_opts["class_names"] = list(names)
-    bf16 = bool(runtime.get("bf16", False))
-    model = TorchSegmentationModel(
+    version_opts = {k: v for k, v in spec_opts.items() if k != "pretrained"} | {"class_names": list(names)}
+    return torch_model(
         name="hf",
-        version="",
+        slug=f"hf-{folder.name}-{hw_slug(size)}",
+        content=content,
         spec=ModelSpec("hf", str(ckpt_file) if ckpt_file else None, spec_opts),
+        runtime=runtime,
+        version_opts=version_opts,
         module=module,
         class_names=names,
         input_size=size,
@@ -233,12 +232,4 @@ def load_hf(
         checkpoint=ckpt_file or folder,
         trainable=True,
         ckpt_prefix="net.",
-        bf16=bf16,
-        channels_last=runtime.get("channels_last"),
     )
-    version_opts = {k: v for k, v in spec_opts.items() if k != "pretrained"} | {"class_names": list(names)}
-    if model.bf16:
-        version_opts["precision"] = "bf16"
-    slug = f"hf-{folder.name}-{size[0] if size[0] == size[1] else f'{size[0]}x{size[1]}'}"
-    model.version = make_version(slug + ("-bf16" if model.bf16 else ""), content, version_opts)
-    return model

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -59,7 +59,8 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _hw_slug(size: tuple[int, int]) -> str:
+def hw_slug(size: tuple[int, int]) -> str:
+    """``"512"`` for a square (h, w) size, else ``"384x512"`` (the size part of version slugs)."""
     return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
 
 
@@ -221,9 +222,9 @@ def load_family(
         spec_opts["class_names"] = list(class_names)
     if random_init:
         spec_opts.update(weights="random", seed=seed)
-    return _torch_model(
+    return torch_model(
         name=fam.name,
-        slug=f"{fam.name}-s{scale}-{_hw_slug(size)}",
+        slug=f"{fam.name}-s{scale}-{hw_slug(size)}",
         content=content,
         spec=ModelSpec(fam.name, str(ckpt) if ckpt else None, spec_opts),
         module=net,
@@ -238,11 +239,23 @@ def load_family(
     )
 
 
-def _torch_model(
-    *, name: str, slug: str, content: str, spec: ModelSpec, runtime: dict[str, Any], **kwargs: Any
+def torch_model(
+    *,
+    name: str,
+    slug: str,
+    content: str,
+    spec: ModelSpec,
+    runtime: dict[str, Any],
+    version_opts: Mapping[str, Any] | None = None,
+    model_cls: type[TorchSegmentationModel] = TorchSegmentationModel,
+    **kwargs: Any,
 ) -> TorchSegmentationModel:
+    """A ``model_cls`` built with the runtime's ``bf16`` / ``channels_last`` and its content version
+    ``<slug>[-bf16]@<hash>``: the hash covers ``content`` and ``version_opts`` (default: the spec's
+    options less ``weights`` and ``seed``) plus ``precision="bf16"`` when bf16 is in effect.
+    ``kwargs`` go to the model (module, class_names, input_size, mean, std, device, ...)."""
     bf16 = bool(runtime.get("bf16", False))
-    model = TorchSegmentationModel(
+    model = model_cls(
         name=name,
         version="",
         spec=spec,
@@ -250,7 +263,9 @@ def _torch_model(
         channels_last=runtime.get("channels_last"),
         **kwargs,
     )
-    version_opts = {k: v for k, v in spec.options.items() if k not in ("weights", "seed")}
+    if version_opts is None:
+        version_opts = {k: v for k, v in spec.options.items() if k not in ("weights", "seed")}
+    version_opts = dict(version_opts)
     if model.bf16:
         version_opts["precision"] = "bf16"
     model.version = make_version(slug + ("-bf16" if model.bf16 else ""), content, version_opts)
@@ -273,7 +288,9 @@ TORCHVISION_INPUT_SIZE = 520
 
 
 class MainOutput(nn.Module):
-    """Wraps a torchvision segmentation model (dict output) so forward returns ``out`` logits."""
+    """Wraps a torchvision segmentation model (dict output) so forward returns ``out`` logits.
+
+    The wrapped network is ``self.net`` (state-dict keys ``net.*``); subclasses override ``forward``."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -401,9 +418,9 @@ def load_torchvision(
         spec_opts.update(weights="random", seed=seed)
     elif checkpoint is None:
         spec_opts["weights"] = str(weights_opt)
-    return _torch_model(
+    return torch_model(
         name=name,
-        slug=f"tv-{builder}-{_hw_slug(size)}",
+        slug=f"tv-{builder}-{hw_slug(size)}",
         content=content,
         spec=ModelSpec(name, str(ckpt) if checkpoint is not None and ckpt else None, spec_opts),
         module=MainOutput(net),
@@ -525,11 +542,14 @@ def load_scripted(
     spec_opts: dict[str, Any] = {"input_size": [size[0], size[1]], "mean": list(mean), "std": list(std)}
     if names_opt is not None:
         spec_opts["class_names"] = list(class_names)
-    bf16 = bool(runtime.get("bf16", False))
-    model = ScriptedSegmentationModel(
+    model = torch_model(
         name=str(path),
-        version="",
+        slug=f"{path.stem}-{hw_slug(size)}",
+        content=file_sha256(path),
         spec=ModelSpec(str(path), None, spec_opts),
+        runtime=runtime,
+        version_opts=spec_opts,
+        model_cls=ScriptedSegmentationModel,
         module=wrapped,
         class_names=class_names,
         input_size=size,
@@ -538,10 +558,5 @@ def load_scripted(
         device=device,
         checkpoint=path,
         trainable=False,
-        bf16=bf16,
-        channels_last=runtime.get("channels_last"),
     )
-    slug = f"{path.stem}-{_hw_slug(size)}" + ("-bf16" if model.bf16 else "")
-    version_opts = spec_opts | ({"precision": "bf16"} if model.bf16 else {})
-    model.version = make_version(slug, file_sha256(path), version_opts)
-    return model
+    return cast(ScriptedSegmentationModel, model)
