@@ -36,6 +36,7 @@ from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
 from projects import admin
 from projects.ls_local import free_port
+from tests.backend_proc import BackendProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
 
@@ -83,64 +84,16 @@ def _backend_env(ls_server: Any, model_dir: Path, port: int, **extra: str) -> di
     return env
 
 
-class Backend:
-    """A ``python -m ml_backend`` (gunicorn) process on 127.0.0.1."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, auth: tuple[str, str] | None) -> None:
-        self.env, self.auth = env, auth
-        self.url = f"http://127.0.0.1:{env['MADSEG_BACKEND_PORT']}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "ml_backend"], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_healthy(self) -> None:
-        auth = self.auth
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"backend exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(f"{self.url}/health", auth=auth, timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or still loading the model
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"backend did not answer /health:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def post(self, path: str, body: Any, **kw: Any) -> requests.Response:
-        return requests.post(f"{self.url}{path}", json=body, auth=self.auth, timeout=120, **kw)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-
-
 @pytest.fixture()
 def start_backend(ls_server: Any, tmp_path: Path) -> Iterator[Any]:
-    started: list[Backend] = []
+    started: list[BackendProcess] = []
 
-    def start(auth: tuple[str, str] | None = None, **extra: str) -> Backend:
+    def start(auth: tuple[str, str] | None = None, **extra: str) -> BackendProcess:
         model_dir = tmp_path / f"models{len(started)}"
         env = _backend_env(ls_server, model_dir, free_port(), **extra)
         if auth:
             env.update({"BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]})
-        b = Backend(env, tmp_path / f"backend{len(started)}.log", auth)
+        b = BackendProcess(env, tmp_path / f"backend{len(started)}.log", auth=auth)
         started.append(b)
         return b
 
@@ -186,7 +139,7 @@ def _label_map_from_results(results: list[dict[str, Any]], h: int, w: int) -> np
     return out
 
 
-def _predict(backend: Backend, client: Any, pid: int) -> dict[str, Any]:
+def _predict(backend: BackendProcess, client: Any, pid: int) -> dict[str, Any]:
     tasks = _tasks(client, pid)
     r = backend.post("/predict", {"tasks": tasks, "project": f"{pid}.0",
                                   "label_config": configs.segmentation_config(VOC_CLASSES)})

@@ -23,6 +23,7 @@ from ml_backend.classes import VOC_CLASSES
 from ml_backend.labelstudio.configs import segmentation_config
 from ml_backend.shared import shared_dir
 from projects.ls_local import free_port
+from tests.backend_proc import BackendProcess
 from tests.security_servers import TestServer, drip
 
 pytestmark = [pytest.mark.slow]
@@ -50,40 +51,6 @@ def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
                           text=True, timeout=120)
 
 
-class Proc:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{env['MADSEG_BACKEND_PORT']}"
-        self.log_path = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "ml_backend"], env=env, stdout=self._fh,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"backend exited:\n{self.log()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"backend did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
-
-
 @pytest.fixture(scope="module")
 def image_bytes() -> bytes:
     return sorted((shared_dir() / "data" / "voc_samples" / "images").iterdir())[0].read_bytes()
@@ -100,12 +67,15 @@ def hosts(image_bytes: bytes) -> Iterator[dict[str, TestServer]]:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, TestServer]) -> Iterator[Proc]:
+def backend(
+    tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, TestServer]
+) -> Iterator[BackendProcess]:
     tmp = tmp_path_factory.mktemp("secproc")
     env = _env(tmp, free_port(), MADSEG_BACKEND_THREADS="4", MADSEG_MAX_BODY_BYTES=str(LIMIT),
                MADSEG_PREDICT_DEADLINE="4", MADSEG_BODY_TIMEOUT="2",
                MADSEG_IMAGE_HOSTS=f"127.0.0.1:{hosts['good'].port},127.0.0.1:{hosts['slow'].port}")
-    proc = Proc(env, tmp / "backend.log")  # no MADSEG_BACKEND_HOST: the default address
+    # no MADSEG_BACKEND_HOST: the default address
+    proc = BackendProcess(env, tmp / "backend.log", timeout=120)
     yield proc
     proc.stop()
 
@@ -113,7 +83,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, TestServe
 # -- binding --------------------------------------------------------------------------------------------
 
 
-def test_default_listen_address_is_loopback(backend: Proc) -> None:
+def test_default_listen_address_is_loopback(backend: BackendProcess) -> None:
     assert f"Listening at: {backend.url}" in backend.log()
 
 
@@ -173,7 +143,7 @@ def _raw(url: str, head: bytes, body_chunks: list[bytes], pause: float = 0.0) ->
         return s.recv(4096), sent
 
 
-def test_content_length_over_the_limit_is_413_before_reading(backend: Proc) -> None:
+def test_content_length_over_the_limit_is_413_before_reading(backend: BackendProcess) -> None:
     for size in (40 * 1024 * 1024, 512 * 1024 * 1024):
         head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {size}\r\n\r\n").encode()
@@ -186,7 +156,7 @@ def test_content_length_over_the_limit_is_413_before_reading(backend: Proc) -> N
     assert ok.status_code == 200  # positive control
 
 
-def test_chunked_body_over_the_limit_is_413(backend: Proc) -> None:
+def test_chunked_body_over_the_limit_is_413(backend: BackendProcess) -> None:
     head = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     piece = b"x" * 65536
@@ -199,7 +169,7 @@ def test_chunked_body_over_the_limit_is_413(backend: Proc) -> None:
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
-def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_body_timeout(backend: Proc) -> None:
+def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_body_timeout(backend: BackendProcess) -> None:
     """Six clients each announce 100 kB and send one byte per second (more clients than threads):
     each gets 408 after MADSEG_BODY_TIMEOUT (2 s) instead of holding a thread for 100 000 s."""
     head = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -225,7 +195,9 @@ def _predict(url: str, urls: list[str]) -> requests.Response:
     return requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": SEG}, timeout=60)
 
 
-def test_slow_image_hosts_cannot_starve_the_backend(backend: Proc, hosts: dict[str, TestServer]) -> None:
+def test_slow_image_hosts_cannot_starve_the_backend(
+    backend: BackendProcess, hosts: dict[str, TestServer]
+) -> None:
     good, slow = f"{hosts['good'].url}/a.jpg", f"{hosts['slow'].url}/slow.jpg"
     # positive control: an allowed host's image is predicted
     r = _predict(backend.url, [good])
@@ -278,25 +250,9 @@ def test_demo_experiment_serves_pool_images_never_the_oracles_ground_truth(
     for key in ("MADSEG_MODEL", "MADSEG_CHECKPOINT"):
         env.pop(key)
     madseg = Path(sys.executable).with_name("madseg")
-    log = tmp_path / "demo-backend.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([str(madseg), "backend"], env=env, cwd=tmp_path, stdout=fh,
-                                stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                time.sleep(0.5)
-            r = _predict(url, [d(image), d(mask), d(s0_mask), "/data/local-files/?d=etc/passwd",
-                               "/data/local-files/?d=../../../../etc/hostname"])
-            assert r.status_code == 200, r.text
-            assert [bool(p["result"]) for p in r.json()["results"]] == [True, False, False, False, False]
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with BackendProcess(env, tmp_path / "demo-backend.log", argv=[str(madseg), "backend"], cwd=tmp_path,
+                        timeout=180) as proc:
+        r = _predict(proc.url, [d(image), d(mask), d(s0_mask), "/data/local-files/?d=etc/passwd",
+                                "/data/local-files/?d=../../../../etc/hostname"])
+        assert r.status_code == 200, r.text
+        assert [bool(p["result"]) for p in r.json()["results"]] == [True, False, False, False, False]

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from ml_backend.shared import shared_dir
 from projects.ls_local import free_port
 from projects.state import RoundState
+from tests.backend_proc import BackendProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MADSEG = [sys.executable, "-m", "projects.cli"]
@@ -107,21 +107,6 @@ def _task_image_ids(client, project_id: int) -> list[str]:
     return ids
 
 
-def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    import requests
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        assert proc.poll() is None, "the ML backend exited while starting"
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("the ML backend did not start")
-
-
 @pytest.mark.server
 @pytest.mark.redis
 @pytest.mark.slow
@@ -141,11 +126,10 @@ def test_round_end_to_end_with_crashes(ls_server, tmp_path: Path) -> None:
                    "MADSEG_BACKEND_PORT": str(port), "REDIS_URL": "redis://127.0.0.1:6379/0",
                    "MADSEG_QUEUE": queue,
                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls_server.document_root)}
-    backend = subprocess.Popen([*MADSEG, "backend"], env=backend_env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=open(tmp_path / "backend.log", "w"), start_new_session=True)  # noqa: SIM115
+    backend = BackendProcess(backend_env, tmp_path / "backend.log", argv=[*MADSEG, "backend"], cwd=ROOT,
+                             new_session=True)
     conn = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     try:
-        _wait_health(backend_url, backend)
         args = ["round", "--config", str(cfg), "--rounds", "1", "--poll", "0.5", "--wait-timeout", "120",
                 "--quiet", "--no-lwf"]
 
@@ -226,10 +210,6 @@ def test_round_end_to_end_with_crashes(ls_server, tmp_path: Path) -> None:
         assert conn.llen(f"rq:queue:{queue}") == 0
         assert not list(conn.scan_iter(f"{queue}:pending:*"))
     finally:
-        backend.terminate()
-        try:
-            backend.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            backend.kill()
+        backend.stop()
         for key in conn.scan_iter(f"*{queue}*"):
             conn.delete(key)
