@@ -7,6 +7,7 @@ import pytest
 
 from sampler.order import class_round_robin, failure_evidence, pool_percentiles, rank_order, rating_order
 from sampler.select import MadRecord, mad_select
+from tests.test_sampler_select import random_problem
 
 
 def test_pool_percentiles_scale_free_with_ties():
@@ -70,11 +71,8 @@ def test_rating_order_failures_uses_evidence_then_round_robin():
 
 
 def test_rating_order_on_random_inputs_is_a_permutation_of_m():
-    rng = np.random.default_rng(0)
     n, m, c = 300, 3, 6
-    ta = rng.dirichlet(np.ones(c), n)
-    ca = rng.dirichlet(np.ones(c), (m, n))
-    d = rng.random((m, n))
+    ta, ca, d = random_problem(0, n, m, c)
     recs = mad_select(ta, ca, d, np.tile([[0.05, 0.5]], (c, 1)), 4)
     m_set = sorted({r.image for r in recs})
     for order in ("failures", "rank"):

@@ -25,6 +25,16 @@ def brute_force(ta, ca, d, bounds, n3):
     return out
 
 
+def random_problem(seed: int, n: int, m: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random selection problem: target areas [n, c] and competitor areas [m, n, c] (Dirichlet rows
+    that sum to 1) and distances [m, n] in [0, 1), drawn in that order from ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    ta = rng.dirichlet(np.ones(c), n)
+    ca = rng.dirichlet(np.ones(c), (m, n))
+    d = rng.random((m, n))
+    return ta, ca, d
+
+
 def _areas(rows):
     a = np.array(rows, dtype=np.float64)
     return a
@@ -182,11 +192,8 @@ def test_prefix_and_rare_class_paths_match_brute_force(seed, monkeypatch):
 def test_n3_for_size_grows_m_to_a_rating_budget():
     from sampler.select import n3_for_size, selected_images
 
-    rng = np.random.default_rng(3)
     n, m, c = 200, 2, 5
-    ta = rng.dirichlet(np.ones(c), n)
-    ca = rng.dirichlet(np.ones(c), (m, n))
-    d = rng.random((m, n))
+    ta, ca, d = random_problem(3, n, m, c)
     bounds = np.tile([[0.05, 0.6]], (c, 1))
 
     def size(k):
