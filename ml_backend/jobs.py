@@ -269,14 +269,18 @@ def export_training_data(
 def finetune_config(options: dict[str, Any]) -> Any:
     """``ml_backend.finetune.FinetuneConfig`` from backend/experiment settings.
 
-    Accepts the config's own field names plus the experiment's spellings (``lr_grid`` or ``lr`` for
-    ``lrs``; ``preset`` and ``replay`` are handled elsewhere and dropped). Unknown keys or bad values
-    -> :class:`MadsegError` naming them.
+    Starts from ``ml_backend.finetune.PRESETS[options["preset"]]`` (default ``"demo"``, the
+    benchmark-chosen recipe) and applies the other keys: the config's own field names plus the
+    experiment's spellings (``lr_grid`` or ``lr`` for ``lrs``; ``replay`` is handled elsewhere).
+    Unknown keys, an unknown preset or bad values -> :class:`MadsegError` naming them.
     """
     import dataclasses
 
-    from ml_backend.finetune import FinetuneConfig
+    from ml_backend.finetune import PRESETS, FinetuneConfig, preset_config
 
+    preset = str(options.get("preset", "demo"))
+    if preset not in PRESETS:
+        raise MadsegError(f"MADSEG_FINETUNE_OPTIONS: unknown preset {preset!r}; use one of {sorted(PRESETS)}")
     opts = {k: v for k, v in options.items() if k not in ("preset", "replay")}
     if "lr_grid" in opts:
         opts["lrs"] = opts.pop("lr_grid")
@@ -292,7 +296,7 @@ def finetune_config(options: dict[str, Any]) -> Any:
             opts[key] = tuple(val)
     if isinstance(opts.get("lrs"), (int, float)):
         opts["lrs"] = (float(opts["lrs"]),)
-    cfg = FinetuneConfig(**opts)
+    cfg = preset_config(preset, **opts)
     cfg.validate()
     return cfg
 
