@@ -323,3 +323,15 @@ def test_unknown_finetune_setting_is_a_clear_error() -> None:
         finetune_config({"epochz": 3})
     with pytest.raises(MadsegError, match="epochs"):
         finetune_config({"epochs": 0})
+
+
+def test_backend_finetune_config_starts_from_the_preset() -> None:
+    from ml_backend.finetune import PRESETS
+    from ml_backend.jobs import finetune_config
+
+    assert finetune_config({}) == PRESETS["demo"]
+    paper = finetune_config({"preset": "paper"})
+    assert paper.epochs == PRESETS["paper"].epochs and paper.lrs == PRESETS["paper"].lrs
+    assert finetune_config({"preset": "paper", "lr_grid": [1e-5]}).lrs == (1e-5,)
+    with pytest.raises(MadsegError, match="unknown preset 'fast'"):
+        finetune_config({"preset": "fast"})
