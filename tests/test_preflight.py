@@ -24,10 +24,9 @@ from projects.preflight import (
     redis_problem,
     require_preflight,
 )
+from tests.experiments import DICE, ESP, write_experiment_toml
 
 SHARED = shared_dir()
-ESP = "{shared}/models/espnetv2/espnetv2_s_0.5_pascal_256x256.pth"
-DICE = "{shared}/models/dicenet/dicenet_s_0.5_pascal_256x256.pth"
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
 
@@ -35,13 +34,8 @@ pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
 def write_experiment(tmp: Path, competitors: str, *, ls_url: str = "http://127.0.0.1:9",
                      backend_url: str | None = None) -> Path:
     """An experiment on the shared data with the ESPNetv2 s=0.5 target and the given competitor tables."""
-    cfg = tmp / "exp.toml"
     backend = f'backend_url = "{backend_url}"\n' if backend_url else ""
-    cfg.write_text(f"""
-[experiment]
-name = "preflight"
-dir = "{tmp}/exp"
-
+    return write_experiment_toml(tmp, "preflight", f"""
 [pool]
 folders = ["{{shared}}/data/coco_voc/images"]
 
@@ -66,7 +60,6 @@ n4 = 1
 url = "{ls_url}"
 api_key_env = "MADSEG_PREFLIGHT_TEST_KEY"
 {backend}""")
-    return cfg
 
 
 GOOD = f'[[competitors]]\nkey = "dice"\nname = "dicenet"\ncheckpoint = "{DICE}"\n'

@@ -24,6 +24,7 @@ from ml_backend.versions import list_versions, read_pointer
 from projects.experiment import ExperimentConfig, load_experiment
 from projects.rounds import MAD_STAGES, RoundRunner, RunOptions
 from projects.state import RoundState, round_dir
+from tests.experiments import DICE, ESP, write_experiment_toml
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
 
@@ -31,24 +32,19 @@ WIDE = {"t0_tolerance": 1.0, "failure_tolerance": 1.0}
 
 
 def _experiment(tmp: Path, voc: dict[str, Any], lr: float, epochs: int) -> ExperimentConfig:
-    cfg = tmp / "exp.toml"
-    cfg.write_text(f"""
-[experiment]
-name = "gate"
-dir = "{tmp}/exp"
-
+    cfg = write_experiment_toml(tmp, "gate", f"""
 [pool]
 folders = ["{voc['val']}/images"]
 
 [target]
 key = "esp-s0.5"
 name = "espnetv2"
-checkpoint = "{{shared}}/models/espnetv2/espnetv2_s_0.5_pascal_256x256.pth"
+checkpoint = "{ESP}"
 
 [[competitors]]
 key = "dicenet-s0.5"
 name = "dicenet"
-checkpoint = "{{shared}}/models/dicenet/dicenet_s_0.5_pascal_256x256.pth"
+checkpoint = "{DICE}"
 
 [s0]
 root = "{voc['train']}"

@@ -20,6 +20,7 @@ from sampler import candidates as cand
 from sampler import store as S
 from sampler.metrics import map_distance
 from sampler.score import score_pool
+from tests.experiments import write_experiment_toml
 from tests.test_sampler_pool import BAD, CONVERTED, make_pool
 
 pytestmark = pytest.mark.slow
@@ -282,12 +283,7 @@ def test_madseg_select_and_the_round_write_the_same_candidates_file(scored, mode
     store, _ = scored
     target, comp = models
     voc = shared_dir() / "data" / "voc_samples"
-    cfg = tmp_path / "exp.toml"
-    cfg.write_text(f"""
-[experiment]
-name = "same"
-dir = "{tmp_path / 'exp'}"
-[pool]
+    cfg = write_experiment_toml(tmp_path, "same", f"""[pool]
 folders = ["{voc / 'images'}"]
 [target]
 name = "espnetv2"
