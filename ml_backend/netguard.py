@@ -30,6 +30,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -439,6 +440,45 @@ def fetch(
             raise FetchError(f"{shown(current)}: HTTP {status}", status, retryable=status >= 500)
         return FetchResult(data, current, ctype)
     raise FetchError(f"{shown(url)}: more than {max_redirects} redirects")  # pragma: no cover
+
+
+def fetch_retrying(
+    url: str,
+    policy: UrlPolicy,
+    *,
+    deadline: Deadline,
+    max_bytes: int,
+    credentials: Callable[[Origin], Mapping[str, str]] | None = None,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 20.0,
+    attempts: int = 3,
+    on_unauthorized: Callable[[], None] | None = None,
+) -> bytes:
+    """The body of :func:`fetch` with up to ``attempts`` tries, all within ``deadline``.
+
+    A retryable :class:`FetchError` (no connection, a reset, HTTP 5xx) is tried again after a pause
+    of 0.5 s, 1 s, ... (cut at the deadline); no new try starts with less than ``connect_timeout``
+    left. ``on_unauthorized``, when given, is called after an HTTP 401 on the first try (e.g. to
+    refresh an expired access token) and the request is sent again at once. Raises
+    :class:`UrlRefused` (policy), the :class:`FetchError` that is not retryable, or a
+    :class:`FetchError` ``downloading <url> failed (<last error>)`` when the tries run out.
+    """
+    last = ""
+    for attempt in range(attempts):
+        if attempt and deadline.remaining() < connect_timeout:
+            break
+        try:
+            return fetch(url, policy, deadline=deadline, max_bytes=max_bytes, credentials=credentials,
+                         connect_timeout=connect_timeout, read_timeout=read_timeout).data
+        except FetchError as exc:
+            last = str(exc)
+            if exc.status == 401 and on_unauthorized is not None and attempt == 0:
+                on_unauthorized()
+                continue
+            if not exc.retryable:
+                raise
+        time.sleep(min(0.5 * (attempt + 1), deadline.remaining()))
+    raise FetchError(f"downloading {shown(url)} failed ({last})")
 
 
 def _exchange(

@@ -32,7 +32,6 @@ import io
 import logging
 import os
 import re
-import time
 import urllib.parse
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,7 +46,7 @@ from ..classes import IGNORE_INDEX, VOC_CLASSES
 from ..errors import ImageReadError, MadsegError
 from ..limits import Deadline
 from ..localfiles import LocalFileRefused, LocalFilesPolicy, local_files_param
-from ..netguard import FetchError, HostRule, Origin, UrlPolicy, UrlRefused, fetch, origin_of, shown
+from ..netguard import FetchError, HostRule, Origin, UrlPolicy, UrlRefused, fetch_retrying, origin_of
 from . import configs
 from .brush import AnnotationError, annotation_mask
 from .client import LabelStudioClient
@@ -342,22 +341,14 @@ class TaskImageReader:
         def creds(origin: Origin) -> Mapping[str, str]:
             return _credentials(self._client) if origin == self.origin else {}
 
-        last = ""
-        for attempt in range(3):
-            if attempt and deadline.remaining() < self.images.connect_s:
-                break
-            try:
-                return fetch(url, self.policy, deadline=deadline, max_bytes=self.images.max_bytes,
-                             credentials=creds, connect_timeout=self.images.connect_s,
-                             read_timeout=self.images.read_s).data
-            except UrlRefused as exc:
-                raise ImageRefused(f"image URL refused: {exc}") from None
-            except FetchError as exc:
-                last = str(exc)
-                if not exc.retryable:
-                    raise ImageRefused(last) from None
-            time.sleep(min(0.5 * (attempt + 1), deadline.remaining()))
-        raise ImageRefused(f"downloading {shown(url)} failed ({last})")
+        try:
+            return fetch_retrying(url, self.policy, deadline=deadline, max_bytes=self.images.max_bytes,
+                                  credentials=creds, connect_timeout=self.images.connect_s,
+                                  read_timeout=self.images.read_s)
+        except UrlRefused as exc:
+            raise ImageRefused(f"image URL refused: {exc}") from None
+        except FetchError as exc:
+            raise ImageRefused(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------

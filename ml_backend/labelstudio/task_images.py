@@ -40,7 +40,7 @@ from ..errors import MadsegError
 from ..image_limits import decode_capped
 from ..limits import Deadline
 from ..localfiles import LocalFileRefused, LocalFilesPolicy, local_files_param
-from ..netguard import FetchError, Origin, UrlPolicy, UrlRefused, fetch, origin_of, shown
+from ..netguard import FetchError, Origin, UrlPolicy, UrlRefused, fetch_retrying, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -209,22 +209,13 @@ class ImageSource:
         def creds(origin: Origin) -> Mapping[str, str]:
             return self._credentials(origin, login)
 
-        last = ""
-        for attempt in range(3):
-            if attempt and deadline.remaining() < self.limits.connect_s:
-                break
-            try:
-                return fetch(url, self.policy, deadline=deadline, max_bytes=self.limits.max_bytes,
-                             credentials=creds, connect_timeout=self.limits.connect_s,
-                             read_timeout=self.limits.read_s).data
-            except UrlRefused as exc:
-                raise MadsegError(f"{what}: image URL refused: {exc}") from None
-            except FetchError as exc:
-                last = str(exc)
-                if exc.status == 401 and self.auth is not None and attempt == 0:
-                    self.auth.invalidate()  # an expired access token: refresh once
-                    continue
-                if not exc.retryable:
-                    raise MadsegError(f"{what}: {exc}") from None
-            time.sleep(min(0.5 * (attempt + 1), deadline.remaining()))
-        raise MadsegError(f"{what}: downloading {shown(url)} failed ({last})")
+        try:
+            return fetch_retrying(url, self.policy, deadline=deadline, max_bytes=self.limits.max_bytes,
+                                  credentials=creds, connect_timeout=self.limits.connect_s,
+                                  read_timeout=self.limits.read_s,
+                                  # an expired access token: refresh once
+                                  on_unauthorized=self.auth.invalidate if self.auth is not None else None)
+        except UrlRefused as exc:
+            raise MadsegError(f"{what}: image URL refused: {exc}") from None
+        except FetchError as exc:
+            raise MadsegError(f"{what}: {exc}") from None
