@@ -115,11 +115,14 @@ def resolve_io(
     found = f"inputs: {desc(inputs)}; outputs: {desc(outputs)}"
     in_name = options.pop("input_name", None)
     out_name = options.pop("output_name", None)
+    def named(ts: list[tuple[str, list[Any], str]], name: str, kind: str) -> tuple[str, list[Any], str]:
+        for t in ts:
+            if t[0] == name:
+                return t
+        raise ModelError(f"ONNX model {path}: no {kind} named {name!r} ({found})")
+
     if in_name is not None:
-        match = [t for t in inputs if t[0] == in_name]
-        if not match:
-            raise ModelError(f"ONNX model {path}: no input named {in_name!r} ({found})")
-        inp = match[0]
+        inp = named(inputs, in_name, "input")
     else:
         images = [t for t in inputs if len(t[1]) == 4]
         if len(images) != 1 or len(inputs) != 1:
@@ -133,10 +136,7 @@ def resolve_io(
             f"ONNX model {path}: madseg feeds one input only, the model has {len(inputs)} ({found})"
         )
     if out_name is not None:
-        match_o = [t for t in outputs if t[0] == out_name]
-        if not match_o:
-            raise ModelError(f"ONNX model {path}: no output named {out_name!r} ({found})")
-        out = match_o[0]
+        out = named(outputs, out_name, "output")
     else:
         if not outputs:
             raise ModelError(f"ONNX model {path}: the model has no outputs")
