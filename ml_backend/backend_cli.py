@@ -104,6 +104,7 @@ def _backend(args: argparse.Namespace) -> int:
 
         check_label_studio_url(os.environ["LABEL_STUDIO_URL"].strip())
     config.local_files_policy()  # a document root of / with nothing narrower: one clear error
+    require_label_studio_ml()
     log.info("madseg backend on %s:%d, target %s, model dir %s, queue %s", config.host, config.port,
              config.target["name"], config.model_dir, "redis" if config.redis_url else "in-process")
     serve(config, log_level="debug" if args.verbose else "info")
@@ -149,6 +150,19 @@ def _backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="listen address (default: $MADSEG_BACKEND_HOST, else 127.0.0.1; any other address "
                    "needs BASIC_AUTH_USER/BASIC_AUTH_PASS or MADSEG_BACKEND_TOKEN)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: $MADSEG_BACKEND_PORT, 9090)")
+
+
+def require_label_studio_ml() -> None:
+    """Check that ``label_studio_ml`` (installed without its dependencies) imports, else one clear
+    :class:`MadsegError` saying how to install it (a plain ``pip install madseg`` does not)."""
+    try:
+        import label_studio_ml.model  # noqa: F401
+    except ImportError as exc:
+        raise MadsegError(
+            f"the ML backend needs label-studio-ml, which is not importable ({exc}); install it without "
+            "its outdated Flask pins: `pip install --no-deps -r requirements-nodeps.txt` in the madseg "
+            "checkout (or `pip install --no-deps label-studio-ml==1.0.9`)"
+        ) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import sys
 from importlib.metadata import requires, version
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -130,3 +131,13 @@ def test_the_backend_app_serves_on_this_stack(tmp_path) -> None:
     assert Path(flask.__file__).is_relative_to(Path(werkzeug.__file__).parents[1])
     assert Version(version("flask")) >= Version(SAFE["flask"])
     assert Version(version("werkzeug")) >= Version(SAFE["werkzeug"])
+
+
+def test_backend_without_label_studio_ml_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ml_backend.backend_cli import require_label_studio_ml
+    from ml_backend.errors import MadsegError
+
+    require_label_studio_ml()  # positive control: installed by `make install`
+    monkeypatch.setitem(sys.modules, "label_studio_ml.model", None)
+    with pytest.raises(MadsegError, match="pip install --no-deps -r requirements-nodeps.txt"):
+        require_label_studio_ml()
