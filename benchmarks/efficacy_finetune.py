@@ -16,7 +16,7 @@ training image:
 
 - ``random``: the whole held-out half (dataset mIoU);
 - ``failure_zone``: a test set drawn from the held-out half by the paper's test-set rules
-  (``projects.testset.choose_test_set``: main predicted class buckets, <= 4 per class, 30 images)
+  (``projects.evaluation.testset.choose_test_set``: main predicted class buckets, <= 4 per class, 30 images)
   among the held-out images whose f(0) GT mIoU is below the held-out median;
 - ``t0``: a fixed subset of T(0) (default: the first 100 sorted stems of voc2012/val), with the
   standard mIoU and the ground-truth-class mIoU (``ml_backend.metrics.gt_class_miou``).
@@ -145,7 +145,7 @@ def failure_zone(idx: np.ndarray, miou: np.ndarray, main_class: np.ndarray, stem
                  seed: int) -> list[int]:
     """Indices of a test set drawn by the paper's rules from the images of ``idx`` whose f(0) mIoU
     is below the median over ``idx``."""
-    from projects.testset import choose_test_set
+    from projects.evaluation.testset import choose_test_set
 
     med = float(np.median(miou[idx]))
     cand = [int(i) for i in idx if miou[i] < med]

@@ -4,7 +4,7 @@
 ``pool`` with the target and the competitors into a score store under ``cache_root`` (keyed by
 the pool folder), with :func:`sampler.score.score_pool` (so what is cached is exactly what
 ``madseg score`` stores), then computes, once per target version, each image's ground-truth
-per-image mIoU of the target at the image's original size (``projects.oracle.per_image_miou``:
+per-image mIoU of the target at the image's original size (``projects.simulation.oracle.per_image_miou``:
 the rater model's "true quality"), the GT classes present and the out-of-domain flag. Both are
 kept in ``<cache>/gt_<target version>.json``; re-runs only load.
 
@@ -88,7 +88,7 @@ def prepare_pool(
     with every model (a random subset of the pool, as the scorer works in content-id order).
     """
     from ml_backend.imageio import read_mask, read_rgb
-    from projects.oracle import is_out_of_domain, per_image_miou
+    from projects.simulation.oracle import is_out_of_domain, per_image_miou
     from sampler.candidates import load_selection_inputs
     from sampler.score import score_pool
     from sampler.store import image_paths

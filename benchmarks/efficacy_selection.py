@@ -8,7 +8,7 @@ computed from the cached arrays only:
 - M = MAD over the sub-pool (``sampler.select.mad_select``, the demo's n3, size bounds by the
   rule under test from S(0) and the sub-pool's predictions), written in the rating order
   (``sampler.order``);
-- ratings: the oracle's rater model (``projects.oracle.simulated_scores``: 3 raters, noise 0.1,
+- ratings: the oracle's rater model (``projects.simulation.oracle.simulated_scores``: 3 raters, noise 0.1,
   thresholds 0.2/0.4/0.6/0.8 of the target's per-image GT mIoU), rater seed = sub-pool index;
   MOS = mean score, out-of-domain images never kept;
 - "rated then n kept" = the n lowest MOS among the rated images, ties by the position in the
@@ -59,7 +59,7 @@ class SelectionSettings:
 def simulated_mos(ids: Sequence[str], gt_miou: np.ndarray, ood: np.ndarray, seeds: Sequence[int],
                   raters: int, noise: float, thresholds: Sequence[float]) -> np.ndarray:
     """MOS (S, N) of every image under rater seed s (the oracle's model); +inf where out of domain."""
-    from projects.oracle import simulated_scores
+    from projects.simulation.oracle import simulated_scores
 
     out = np.empty((len(seeds), len(ids)))
     for a, seed in enumerate(seeds):

@@ -3,7 +3,7 @@
 Starts Label Studio 1.23 on 127.0.0.1 (SQLite in a temp dir, the cached migrated template), creates
 a segmentation project and pushes 2,000 tasks whose predictions are real masks from
 ``../shared/data/coco_voc`` (one brush result per class, validated before sending) with
-``projects.admin.push_segmentation_tasks`` — bulk import, one request per batch. Prints tasks/s
+``projects.segmentation.push_segmentation_tasks`` — bulk import, one request per batch. Prints tasks/s
 (target >= 100) and checks a re-push adds nothing.
 
     python benchmarks/push.py [--tasks 2000] [--batch-size 250]
@@ -28,8 +28,8 @@ from ml_backend.imageio import read_mask  # noqa: E402
 from ml_backend.labelstudio import configs  # noqa: E402
 from ml_backend.labelstudio.client import connect  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
-from projects import admin  # noqa: E402
-from projects.ls_local import start_local_label_studio  # noqa: E402
+from projects import round_projects, segmentation  # noqa: E402
+from projects.simulation.ls_local import start_local_label_studio  # noqa: E402
 
 TARGET_TASKS_PER_S = 100.0
 
@@ -65,16 +65,16 @@ def bench_push(
         start_s = time.perf_counter() - t0
         try:
             client = connect(server.url, server.api_key)
-            pid = admin.ensure_project(client, "benchmark push", configs.segmentation_config())
+            pid = round_projects.ensure_project(client, "benchmark push", configs.segmentation_config())
             t0, cpu0, srv0 = time.perf_counter(), time.process_time(), process_cpu_s(server.process.pid)
-            res = admin.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
+            res = segmentation.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
                                                 model_version="bench@v1", document_root="/",
                                                 batch_size=batch_size, progress=False)
             push_s = time.perf_counter() - t0
             client_cpu = time.process_time() - cpu0
             server_cpu = process_cpu_s(server.process.pid) - srv0
             t0 = time.perf_counter()
-            again = admin.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
+            again = segmentation.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
                                                   model_version="bench@v1", document_root="/",
                                                   batch_size=batch_size, progress=False)
             repush_s = time.perf_counter() - t0

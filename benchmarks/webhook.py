@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/webhook.py [--requests 200] [--images 6] [--epochs 4]
                                            [--modes in-process,redis] [--redis redis://127.0.0.1:6379/0]
 
-Everything is real: a Label Studio 1.23 server (``projects.ls_local``, temp data dir), a
+Everything is real: a Label Studio 1.23 server (``projects.simulation.ls_local``, temp data dir), a
 segmentation project with ``--images`` VOC sample images and their ground-truth masks submitted
 as annotations, the backend under gunicorn (``python -m ml_backend``, ESPNetv2 s=0.5 @256), and
 for ``redis`` a ``madseg worker`` on a private rq queue. For each mode:
@@ -46,8 +46,8 @@ from ml_backend.labelstudio.client import connect  # noqa: E402
 from ml_backend.labelstudio.export import export_tasks  # noqa: E402
 from ml_backend.labelstudio.local_files import local_files_url  # noqa: E402
 from ml_backend.shared import shared_dir  # noqa: E402
-from projects import admin  # noqa: E402
-from projects.ls_local import free_port, start_local_label_studio  # noqa: E402
+from projects import round_projects  # noqa: E402
+from projects.simulation.ls_local import free_port, start_local_label_studio  # noqa: E402
 
 #: the queued job starts this long after its first event: the idle measurement fits in it
 JOB_DELAY_S = 15
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             {"data": {"image": local_files_url(p, doc_root), "image_id": p.stem},
              "meta": {"image_id": p.stem, "path": str(p)}} for p in samples])
         ctl = configs.validate_segmentation_config(config, VOC_CLASSES)
-        for task in admin.iter_tasks(client, pid):
+        for task in round_projects.iter_tasks(client, pid):
             gt = read_mask(shared / "data" / "voc_samples" / "masks" / f"{task['data']['image_id']}.png", 21)
             client.annotations.create(id=task["id"], result=brush.class_map_results(gt, VOC_CLASSES, ctl))
         exported = export_tasks(client, pid)

@@ -60,7 +60,7 @@ def _ids(values: list[str] | None, file: str | None) -> list[str] | None:
 
 
 def cmd_create_round(args: argparse.Namespace) -> int:
-    from .admin import create_round_projects
+    from .round_projects import create_round_projects
 
     client = _client(args)
     ids = create_round_projects(
@@ -74,7 +74,7 @@ def cmd_create_round(args: argparse.Namespace) -> int:
 def cmd_register_storage(args: argparse.Namespace) -> int:
     from ml_backend.labelstudio.local_files import resolve_document_root
 
-    from .admin import register_local_storage
+    from .round_projects import register_local_storage
 
     client = _client(args)
     root = resolve_document_root(args.document_root)
@@ -112,7 +112,7 @@ def _candidates(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_push_rating(args: argparse.Namespace) -> int:
-    from .admin import push_rating_tasks
+    from .rating import push_rating_tasks
 
     client = _client(args)
     res = push_rating_tasks(
@@ -127,8 +127,8 @@ def cmd_push_rating(args: argparse.Namespace) -> int:
 def cmd_collect_ratings(args: argparse.Namespace) -> int:
     from ml_backend.atomic import atomic_write_json
 
-    from .admin import collect_ratings, rating_progress
     from .mos import choose_lowest, mean_opinion_scores
+    from .rating import collect_ratings, rating_progress
 
     client = _client(args)
     done, total = rating_progress(client, args.project, args.raters)
@@ -151,7 +151,7 @@ def cmd_collect_ratings(args: argparse.Namespace) -> int:
 
 
 def cmd_push_segmentation(args: argparse.Namespace) -> int:
-    from .admin import push_segmentation_tasks
+    from .segmentation import push_segmentation_tasks
 
     client = _client(args)
     res = push_segmentation_tasks(
@@ -173,7 +173,8 @@ def cmd_export_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_progress(args: argparse.Namespace) -> int:
-    from .admin import rating_progress, segmentation_progress
+    from .rating import rating_progress
+    from .segmentation import segmentation_progress
 
     client = _client(args)
     if args.raters:

@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ml_backend.backend_cli",
     "ml_backend.cli",
     "projects.admin_cli",
-    "projects.report_cli",
+    "projects.evaluation.report_cli",
     "projects.round_cli",
     "sampler.cli",
 )

@@ -171,7 +171,7 @@ class SelectionConfig:
 
     ``n3``: images per (competitor, class, partition) problem; ``n4``: lowest-rated images that go
     to S(i); ``test_size``/``max_per_class``: the unbiased test set T(i+1) (see
-    ``projects.testset``); ``bounds``: the size-bound rule (``sampler.bounds.class_bounds``:
+    ``projects.evaluation.testset``); ``bounds``: the size-bound rule (``sampler.bounds.class_bounds``:
     ``"auto"`` = S(0) per class where it has ``min_count`` masks of it, else the models'
     predictions on the pool, else none; ``"s0"`` = the paper's S(0)-only rule; ``"pool"``;
     ``"none"``) with the statistic ``bounds_method``; ``order``: how M is ordered for the raters
@@ -276,7 +276,7 @@ class LabelStudioConfig:
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """Simulated raters/annotators (demo, tests, benchmarks only; see ``projects.oracle``).
+    """Simulated raters/annotators (demo, tests, benchmarks only; see ``projects.simulation.oracle``).
 
     ``gt``: folders of ground-truth masks, looked up by image file stem; ``noise``: standard
     deviation of each rater's Gaussian error on the mIoU scale; ``thresholds``: the four mIoU

@@ -10,9 +10,9 @@
         round-<i>/                  round i (RoundLayout below)
         baseline-entropy/round-1/   the entropy baseline of the paper's Appendix A
         baseline-compare/round-1/   the MAD test set between f_MAD(1) and f_entropy
-        eval/                       cached per-image confusion matrices (projects.evaluation)
-        results.json                the evaluation's numbers (projects.evaluation -> projects.report)
-        report/                     report.html + report.json (projects.report)
+        eval/                       cached per-image confusion matrices (projects.evaluation.evaluate)
+        results.json                the evaluation's numbers (evaluation.evaluate -> evaluation.report)
+        report/                     report.html + report.json (projects.evaluation.report)
         report-assets/              gallery masks written for the report
 
     round-<i>/

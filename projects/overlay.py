@@ -1,9 +1,10 @@
 """The one overlay look: a photo with a label map drawn over it in the class colours.
 
 Shown to raters beside the photo (the paper's rating GUI) and in the report's galleries
-(``projects.report``), so the report shows the pictures the raters saw. Background (class 0) and ignore (255)
-pixels stay unblended, so the photo shows through; each object class is blended with its VOC
-colour at ``alpha`` and gets a thin outline, so neighbouring regions stay distinguishable.
+(``projects.evaluation.report``), so the report shows the pictures the raters saw. Background
+(class 0) and ignore (255) pixels stay unblended, so the photo shows through; each object class
+is blended with its VOC colour at ``alpha`` and gets a thin outline, so neighbouring regions stay
+distinguishable.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The one module that knows all three steps, so that none of them knows another::
 
     projects.rounds      rounds 1..r (+ the entropy baseline and its comparison, the evaluation pass)
-    projects.evaluation  every model on every test set -> results.json (takes the experiment and its layout)
-    projects.report      results.json -> report/report.html + report.json
+    projects.evaluation.evaluate  every model on every test set -> results.json (takes the experiment
+                                  and its layout)
+    projects.evaluation.report    results.json -> report/report.html + report.json
 
 ``madseg round`` and ``madseg demo`` call :func:`run_experiment`; ``madseg round --report``
 calls :func:`evaluate_and_report`.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .evaluation import evaluate_experiment
+from .evaluation.evaluate import evaluate_experiment
 from .experiment import ExperimentConfig
 from .layout import ExperimentLayout
 from .rounds import RoundRunner, RunOptions, completed_rounds
@@ -23,7 +24,7 @@ from .rounds import RoundRunner, RunOptions, completed_rounds
 
 def render_report(layout: ExperimentLayout, results: dict[str, Any]) -> Path:
     """Render ``<exp dir>/report/report.html`` (+ ``report.json``) from the results; the HTML path."""
-    from .report import render_report as _render
+    from .evaluation.report import render_report as _render
 
     return Path(_render(results, layout.report, base_dir=layout.root).html)
 

@@ -7,7 +7,7 @@ pass and the report. ``--round i`` runs only round i (``--until STAGE`` stops af
 running (``[label_studio] url`` and the API key in ``$LABEL_STUDIO_API_KEY``).
 
 ``madseg demo`` starts its own Label Studio and ML backend and runs everything on ``../shared``
-(see :mod:`projects.demo`).
+(see :mod:`projects.simulation.demo`).
 """
 
 from __future__ import annotations
@@ -128,6 +128,6 @@ def _preflight(exp: Any, args: argparse.Namespace, *, services: bool) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .simulation.demo import run_demo
 
     return run_demo(args, _options(args))

@@ -17,7 +17,7 @@ A round (1-based, ``<exp_dir>/round-<i>/``) of a MAD experiment::
                a tqdm bar counts completed tasks) -> ratings.json
     choose     S(i) = the n4 lowest mean opinion scores (out-of-domain excluded; ties: earlier in
                M's order); T(i) chosen from
-               M(i) minus S(1..i) by projects.testset -> selection.json
+               M(i) minus S(1..i) by projects.evaluation.testset -> selection.json
     push_segmentation  S(i) and T(i) for pixel labels with f(i-1)'s pre-annotations (idempotent)
     masks      wait for the masks (the oracle annotator when enabled), export -> labels/
     finetune   f(i) on S(1..i) with S(0) replayed (LR chosen on T(0) by ground-truth-class mIoU); the
@@ -39,8 +39,8 @@ paper's Appendix A (entropy instead of MAD, the same budget n4, its own fine-tun
 the comparison round (a MAD test set drawn between f_MAD(1) and f_entropy).
 
 The evaluation and the report after the rounds are not this module's business: ``projects.pipeline``
-runs the rounds, then ``projects.evaluation``, then ``projects.report``; all paths come from
-``projects.layout``.
+runs the rounds, then ``projects.evaluation.evaluate``, then ``projects.evaluation.report``; all
+paths come from ``projects.layout``.
 
 Fine-tuning runs in-process (``ml_backend.finetune``) so rounds are deterministic and resumable;
 the demo starts its ML backend with ``MADSEG_TRAIN_ON_ANNOTATION=0`` so the backend serves
@@ -523,10 +523,10 @@ class Services:
 
     def choose_test(self, plan: RoundPlan, cands: Sequence[Candidate], *, ood: Sequence[str],
                     used: set[str]) -> dict[str, Any]:
-        """T from the candidates by ``projects.testset`` (main class from the target's areas)."""
+        """T from the candidates by ``projects.evaluation.testset`` (main class from the target's areas)."""
         import numpy as np
 
-        from .testset import choose_test_set, main_classes
+        from .evaluation.testset import choose_test_set, main_classes
 
         ids = [c.id for c in cands]
         areas = np.array([c.target_areas for c in cands], dtype=np.float64).reshape(len(cands), -1)
@@ -578,7 +578,7 @@ class Services:
         segmentation project when a backend URL is configured."""
         from ml_backend.labelstudio.connect import connect_ml_backend
 
-        from .admin import create_round_projects
+        from .round_projects import create_round_projects
 
         ls = self.exp.label_studio
         client = self.client()
@@ -596,7 +596,7 @@ class Services:
 
     def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
                     pred_dir: Path) -> dict[str, Any]:
-        from .admin import push_rating_tasks
+        from .rating import push_rating_tasks
 
         res = push_rating_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                 overlay_dir=plan.files.overlays, document_root=self.exp.document_root(),
@@ -606,7 +606,7 @@ class Services:
     def _oracle_images(self, cands: Sequence[Candidate], pred_dir: Path) -> dict[str, Any]:
         from ml_backend.imageio import read_mask
 
-        from .oracle import OracleImage
+        from .simulation.oracle import OracleImage
 
         c = self.exp.num_classes
 
@@ -641,12 +641,12 @@ class Services:
     def wait_ratings(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate], pred_dir: Path,
                      *, oracle: bool) -> dict[str, Any]:
         """Ratings of every task (the oracle rates first when enabled) -> MOS with the OOD veto."""
-        from .admin import collect_ratings, rating_progress
         from .mos import mean_opinion_scores
+        from .rating import collect_ratings, rating_progress
 
         ls = self.exp.label_studio
         if oracle:
-            from .oracle import GroundTruth, play_raters
+            from .simulation.oracle import GroundTruth, play_raters
 
             o = self.exp.oracle
             play_raters(ls.url, ls.api_key(), pid, self._oracle_images(cands, pred_dir),
@@ -669,7 +669,7 @@ class Services:
 
     def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
                           pred_dir: Path, model_version: str) -> dict[str, Any]:
-        from .admin import push_segmentation_tasks
+        from .segmentation import push_segmentation_tasks
 
         res = push_segmentation_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                       model_version=model_version, classes=list(self.exp.classes),
@@ -682,11 +682,11 @@ class Services:
         returns image id -> file stem in ``out``."""
         from ml_backend.labelstudio.export import export_masks
 
-        from .admin import segmentation_progress
+        from .segmentation import segmentation_progress
 
         ls = self.exp.label_studio
         if oracle:
-            from .oracle import GroundTruth, play_annotator
+            from .simulation.oracle import GroundTruth, play_annotator
 
             o = self.exp.oracle
             play_annotator(ls.url, ls.api_key(), pid, self._oracle_images(cands, plan.files.pred),
@@ -747,7 +747,7 @@ class Services:
         parent ``plan.target``: on T(0) and on the failure test sets T(1..i) (labelled, drawn from
         the MAD candidates) minus every image in ``train_stems`` (file stems of the training set).
 
-        Per-image confusions come from ``projects.evaluation.evaluate_models`` with the report's
+        Per-image confusions come from ``projects.evaluation.evaluate.evaluate_models`` with the report's
         cache (``<exp_dir>/eval``, same set names), so Table 1 reuses them. Returns the decision's
         JSON plus ``failure_sets`` (names and sizes used) and ``excluded_training_images``.
         """
@@ -755,7 +755,7 @@ class Services:
 
         from ml_backend.gate import GateCriteria, decide
 
-        from .evaluation import ModelEntry, TestSet, evaluate_models, labelled_pairs
+        from .evaluation.evaluate import ModelEntry, TestSet, evaluate_models, labelled_pairs
 
         exp = self.exp
         sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0)]

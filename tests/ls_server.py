@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from ml_backend.shared import shared_dir
-from projects.ls_local import LocalLabelStudio, LSUser, signup_user, start_local_label_studio
+from projects.simulation.ls_local import LocalLabelStudio, LSUser, signup_user, start_local_label_studio
 
 TEST_USERNAME = "admin@madseg.test"
 TEST_PASSWORD = "madseg-test-pass-1"

@@ -34,8 +34,8 @@ from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.local_files import local_files_url
 from ml_backend.labelstudio.rle import decode
 from ml_backend.shared import shared_dir
-from projects import admin
-from projects.ls_local import free_port
+from projects import round_projects
+from projects.simulation.ls_local import free_port
 from tests.backend_proc import BackendProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.slow]
@@ -115,7 +115,7 @@ def _segmentation_project(
 
 
 def _tasks(client: Any, pid: int) -> list[dict[str, Any]]:
-    return sorted(admin.iter_tasks(client, pid), key=lambda t: t["id"])
+    return sorted(round_projects.iter_tasks(client, pid), key=lambda t: t["id"])
 
 
 def _annotate_all(client: Any, pid: int, samples: list[tuple[str, Path, Path]]) -> None:
@@ -260,7 +260,7 @@ def test_predict_downloads_task_images_from_label_studio(
     from ml_backend.zoo import load_model
 
     client, pid = _segmentation_project(ls_server, samples[:1], f"backend download {uuid.uuid4().hex[:8]}")
-    admin.ensure_storages(client, pid, [samples[0][1].parent], Path(ls_server.document_root))
+    round_projects.ensure_storages(client, pid, [samples[0][1].parent], Path(ls_server.document_root))
     tasks = _tasks(client, pid)
     body = {"tasks": tasks, "project": f"{pid}.0", "label_config": configs.segmentation_config(VOC_CLASSES)}
     cfg = BackendConfig(target={"name": "espnetv2", "checkpoint": str(_checkpoint()), "options": {}},

@@ -22,7 +22,7 @@ from ml_backend.backend_config import BackendConfig
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.labelstudio.configs import segmentation_config
 from ml_backend.shared import shared_dir
-from projects.ls_local import free_port
+from projects.simulation.ls_local import free_port
 from tests.backend_proc import BackendProcess
 from tests.security_servers import TestServer, drip
 

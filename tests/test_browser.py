@@ -16,7 +16,7 @@ from ml_backend.classes import IGNORE_INDEX, voc_palette
 from ml_backend.imageio import read_mask, read_rgb
 from ml_backend.labelstudio.client import connect
 from ml_backend.shared import REPO_ROOT, shared_dir
-from projects import admin
+from projects import rating, round_projects, segmentation
 from tests.chromium import Chromium, find_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
@@ -75,13 +75,14 @@ def test_rating_and_segmentation_tasks_render(ls_server, tmp_path):
     label_map[label_map == IGNORE_INDEX] = 0
     assert (label_map == BICYCLE).mean() > 0.2
     client = connect(ls_server.url, ls_server.api_key)
-    pids = admin.create_round_projects(client, "browser-test", 1, raters_per_task=1)
+    pids = round_projects.create_round_projects(client, "browser-test", 1, raters_per_task=1)
     cand = [{"id": "bike-1", "path": str(photo_path)}]
     overlays = tmp_path / "overlays"
-    rating = admin.push_rating_tasks(client, pids.rating, cand, predictions=lambda _i: label_map,
+    rated = rating.push_rating_tasks(client, pids.rating, cand, predictions=lambda _i: label_map,
                                      overlay_dir=overlays, document_root=ls_server.document_root,
                                      progress=False)
-    seg = admin.push_segmentation_tasks(client, pids.segmentation, cand, predictions=lambda _i: label_map,
+    seg = segmentation.push_segmentation_tasks(client, pids.segmentation, cand,
+                                               predictions=lambda _i: label_map,
                                         model_version="target@browser", document_root=ls_server.document_root,
                                         progress=False)
     user = ls_server.user("browser-viewer")
@@ -93,7 +94,7 @@ def test_rating_and_segmentation_tasks_render(ls_server, tmp_path):
         _login(br, ls_server.url, user.email, user.password)
 
         # Rating task: photo and overlay side by side, each drawn where its <img> is.
-        _open_task(br, ls_server.url, pids.rating, rating.task_ids["bike-1"], n_images=2)
+        _open_task(br, ls_server.url, pids.rating, rated.task_ids["bike-1"], n_images=2)
         shot = _shot(br, "browser-rating-task.png")
         shown = sorted((r for r in _rects(br, "document.images") if r["nw"] == 500 and r["w"] > 200),
                        key=lambda r: r["x"])

@@ -164,7 +164,7 @@ def test_ml_backend_imports_no_upper_package() -> None:
 def test_no_two_modules_import_each_other() -> None:
     graph = import_graph(_tree_sources())
     assert sum(len(t) for t in graph.values()) > 100  # the graph sees the imports
-    assert "projects.evaluation" in graph["projects.pipeline"]  # e.g. the pipeline above evaluation
+    assert "projects.evaluation.evaluate" in graph["projects.pipeline"]  # e.g. the pipeline above evaluation
     cycles = import_cycles(graph)
     assert cycles == [], "import cycles (modules that import each other):\n" + \
         "\n".join(" <-> ".join(c) for c in cycles)
@@ -183,7 +183,7 @@ import projects.experiment
 import sampler as s
 
 def f():
-    from projects.admin import export_masks
+    from projects.rating import collect_ratings
     import sampler.store
 
 class C:
@@ -192,7 +192,7 @@ class C:
 '''
     bad = upward_imports(src, "x.py")
     assert [b.split(": ")[1] for b in bad] == [
-        "projects.experiment", "sampler", "projects.admin", "sampler.store", "sampler",
+        "projects.experiment", "sampler", "projects.rating", "sampler.store", "sampler",
     ]
     assert upward_imports("from ...projects import cli", "y.py", "ml_backend.labelstudio") == [
         "y.py:1: projects"

@@ -18,7 +18,7 @@ from ml_backend.labelstudio.client import LabelStudioUnreachable, connect
 from ml_backend.labelstudio.connect import connect_ml_backend
 from ml_backend.labelstudio.rle import RLEError, decode, encode
 from ml_backend.shared import shared_dir
-from projects import admin
+from projects import rating, round_projects, segmentation
 from projects.mos import choose_lowest, mean_opinion_scores
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -59,14 +59,14 @@ def client(ls_server):
 
 
 @pytest.fixture(scope="module")
-def projects_(client, ls_server, pool) -> admin.RoundProjects:
-    return admin.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
+def projects_(client, ls_server, pool) -> round_projects.RoundProjects:
+    return round_projects.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
                                        document_root=ls_server.document_root,
                                        storage_folders=[pool["root"]])
 
 
 def test_create_round_projects_idempotent(client, ls_server, projects_, pool):
-    again = admin.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
+    again = round_projects.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
                                         document_root=ls_server.document_root, storage_folders=[pool["root"]])
     assert again == projects_
     rating = client.request("GET", f"api/projects/{projects_.rating}", "get")
@@ -77,24 +77,25 @@ def test_create_round_projects_idempotent(client, ls_server, projects_, pool):
     assert rating["expert_instruction"] and seg["expert_instruction"]
     configs.validate_rating_config(rating["label_config"])
     assert configs.validate_segmentation_config(seg["label_config"], VOC_CLASSES).labels == VOC_CLASSES
-    assert len(admin.list_storages(client, projects_.rating)) == 1  # not duplicated
+    assert len(round_projects.list_storages(client, projects_.rating)) == 1  # not duplicated
 
 
 def test_push_rating_idempotent_after_partial_push(client, ls_server, projects_, pool):
     overlays = pool["root"] / "overlays"
-    half = admin.push_rating_tasks(client, projects_.rating, pool["cands"][:20], predictions=pool["pred_dir"],
+    half = rating.push_rating_tasks(client, projects_.rating, pool["cands"][:20],
+                                    predictions=pool["pred_dir"],
                                    overlay_dir=overlays, document_root=ls_server.document_root, batch_size=8,
                                    progress=False)
     assert (half.created, half.existing) == (20, 0)
-    full = admin.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
+    full = rating.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
                                    overlay_dir=overlays, document_root=ls_server.document_root,
                                    progress=False)
     assert (full.created, full.existing) == (30, 20)
-    again = admin.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
+    again = rating.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
                                     overlay_dir=overlays, document_root=ls_server.document_root,
                                     progress=False)
     assert (again.created, again.existing) == (0, 50)
-    tasks = list(admin.iter_tasks(client, projects_.rating))
+    tasks = list(round_projects.iter_tasks(client, projects_.rating))
     assert len(tasks) == 50
     assert sorted(export.task_image_id(t) for t in tasks) == sorted(c["id"] for c in pool["cands"])
     t0 = next(t for t in tasks if export.task_image_id(t) == pool["cands"][0]["id"])
@@ -130,12 +131,12 @@ def _rate(ls_server, project_id: int, cands) -> dict[int, int]:
 
 
 def test_three_raters_mos_and_s(client, ls_server, projects_, pool):
-    if not list(admin.iter_tasks(client, projects_.rating)):
+    if not list(round_projects.iter_tasks(client, projects_.rating)):
         pytest.fail("rating tasks missing (run the push test first)")
-    assert admin.rating_progress(client, projects_.rating, 3) == (0, 50)
+    assert rating.rating_progress(client, projects_.rating, 3) == (0, 50)
     users = _rate(ls_server, projects_.rating, pool["cands"])
-    assert admin.rating_progress(client, projects_.rating, 3) == (N_RATED, 50)
-    ratings = admin.collect_ratings(client, projects_.rating)
+    assert rating.rating_progress(client, projects_.rating, 3) == (N_RATED, 50)
+    ratings = rating.collect_ratings(client, projects_.rating)
     assert len(ratings) == 3 * N_RATED
     assert {r.rater for r in ratings} == set(users.values())  # three separate users
     mos = mean_opinion_scores(ratings)
@@ -154,11 +155,13 @@ def test_three_raters_mos_and_s(client, ls_server, projects_, pool):
 def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, projects_, pool, tmp_path):
     s = pool.get("S") or [c["id"] for c in pool["cands"][:N4]]
     chosen = [c for c in pool["cands"] if c["id"] in s]
-    res = admin.push_segmentation_tasks(client, projects_.segmentation, chosen, predictions=pool["pred_dir"],
+    res = segmentation.push_segmentation_tasks(client, projects_.segmentation, chosen,
+                                               predictions=pool["pred_dir"],
                                         model_version="target@v1", document_root=ls_server.document_root,
                                         scores={s[0]: 0.25}, progress=False)
     assert res.created == len(chosen)
-    assert admin.push_segmentation_tasks(client, projects_.segmentation, chosen, predictions=pool["pred_dir"],
+    assert segmentation.push_segmentation_tasks(client, projects_.segmentation, chosen,
+                                                predictions=pool["pred_dir"],
                                          model_version="target@v1", document_root=ls_server.document_root,
                                          progress=False).created == 0
     _, config = export.project_label_config(client, projects_.segmentation)
@@ -185,7 +188,7 @@ def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, pro
         result = brush.class_map_results(corrected, VOC_CLASSES, ctl)
         ac.annotations.create(id=t.id, result=result, project=projects_.segmentation)
         submitted[iid] = corrected
-    assert admin.segmentation_progress(client, projects_.segmentation) == (len(chosen), len(chosen))
+    assert segmentation.segmentation_progress(client, projects_.segmentation) == (len(chosen), len(chosen))
     out = tmp_path / "labelled"
     written = export.export_masks(client, projects_.segmentation, out, document_root=ls_server.document_root)
     assert set(written) == set(submitted)
@@ -215,19 +218,19 @@ def test_cli_create_round_and_progress(ls_server, monkeypatch, capsys):
 
 def test_rating_project_without_rating_control(client, ls_server, pool, tmp_path):
     bad = configs.rating_config().replace('name="rating"', 'name="score"')
-    pid = admin.ensure_project(client, "pytest bad rating project", bad)
+    pid = round_projects.ensure_project(client, "pytest bad rating project", bad)
     with pytest.raises(MadsegError, match=f"rating project {pid}.*lacks the rating control 'rating'"):
-        admin.collect_ratings(client, pid)
+        rating.collect_ratings(client, pid)
     with pytest.raises(MadsegError, match="lacks the rating control 'rating'"):
-        admin.push_rating_tasks(client, pid, pool["cands"][:2], predictions=pool["pred_dir"],
+        rating.push_rating_tasks(client, pid, pool["cands"][:2], predictions=pool["pred_dir"],
                                 overlay_dir=tmp_path, document_root=ls_server.document_root, progress=False)
 
 
 @pytest.fixture(scope="module")
 def bad_seg_project(client, ls_server, pool):
     """A segmentation project with one task (no annotation yet)."""
-    pid = admin.ensure_project(client, "pytest bad segmentation", configs.segmentation_config())
-    res = admin.push_segmentation_tasks(client, pid, pool["cands"][:1], predictions=pool["pred_dir"],
+    pid = round_projects.ensure_project(client, "pytest bad segmentation", configs.segmentation_config())
+    res = segmentation.push_segmentation_tasks(client, pid, pool["cands"][:1], predictions=pool["pred_dir"],
                                         model_version="v0", document_root=ls_server.document_root,
                                         progress=False)
     return pid, res.task_ids[pool["cands"][0]["id"]], pool["maps"][pool["cands"][0]["id"]].shape
@@ -268,19 +271,19 @@ def test_push_refuses_invalid_prediction(client, ls_server, pool, bad_seg_projec
     pid, _, _ = bad_seg_project
     bad = np.full((7, 9), 30, np.uint8)  # class 30 does not exist
     with pytest.raises(MadsegError, match="outside 0..20"):
-        admin.push_segmentation_tasks(client, pid, pool["cands"][1:2], predictions=lambda _i: bad,
+        segmentation.push_segmentation_tasks(client, pid, pool["cands"][1:2], predictions=lambda _i: bad,
                                       model_version="v0", document_root=ls_server.document_root,
                                       progress=False)
     outside = tmp_path / "x.jpg"
     outside.write_bytes(Path(pool["cands"][0]["path"]).read_bytes())
     with pytest.raises(MadsegError, match="outside the Label Studio document root"):
-        admin.push_segmentation_tasks(client, pid, [{"id": "x", "path": str(outside)}],
+        segmentation.push_segmentation_tasks(client, pid, [{"id": "x", "path": str(outside)}],
                                       predictions=pool["pred_dir"], model_version="v0",
                                       document_root=pool["root"] / "pred", progress=False)
 
 
 def test_label_studio_unreachable_is_one_clear_error():
-    from projects.ls_local import free_port
+    from projects.simulation.ls_local import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(LabelStudioUnreachable, match=f"Label Studio at {url} unreachable.*start it"):
@@ -301,7 +304,8 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
     only what is missing; nothing is duplicated or lost."""
     import httpx
 
-    pid = admin.ensure_project(client, "pytest lost response", configs.rating_config(), maximum_annotations=3)
+    pid = round_projects.ensure_project(client, "pytest lost response", configs.rating_config(),
+                                        maximum_annotations=3)
     real = client.post_json_once
     calls = {"import": 0}
 
@@ -314,16 +318,16 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
 
     monkeypatch.setattr(client, "post_json_once", flaky)
     monkeypatch.setattr(client, "backoff_s", 0.05)
-    res = admin.push_rating_tasks(client, pid, pool["cands"][:7], predictions=pool["pred_dir"],
+    res = rating.push_rating_tasks(client, pid, pool["cands"][:7], predictions=pool["pred_dir"],
                                   overlay_dir=pool["root"] / "overlays",
                                   document_root=ls_server.document_root, batch_size=3, progress=False)
     assert res.created == 7 and calls["import"] == 3
-    ids = [export.task_image_id(t) for t in admin.iter_tasks(client, pid)]
+    ids = [export.task_image_id(t) for t in round_projects.iter_tasks(client, pid)]
     assert sorted(ids) == sorted(c["id"] for c in pool["cands"][:7])
 
 
 def test_connect_dead_ml_backend_is_clear(client, projects_):
-    from projects.ls_local import free_port
+    from projects.simulation.ls_local import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(MadsegError, match=f"ML backend {url}"):

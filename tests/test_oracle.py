@@ -1,4 +1,4 @@
-"""Simulated raters and annotators (projects.oracle): the pure mapping and results."""
+"""Simulated raters and annotators (projects.simulation.oracle): the pure mapping and results."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ml_backend.labelstudio.configs import (
     validate_segmentation_config,
 )
 from ml_backend.labelstudio.rle import decode
-from projects.oracle import (
+from projects.simulation.oracle import (
     NO_GT_SCORE,
     GroundTruth,
     OracleImage,
@@ -217,7 +217,7 @@ def test_default_image_id_of() -> None:
 @pytest.mark.server
 def test_oracle_plays_separate_users_through_label_studio(ls_server, tmp_path: Path) -> None:  # noqa: ANN001
     from ml_backend.shared import shared_dir
-    from projects.oracle import play_annotator, play_raters
+    from projects.simulation.oracle import play_annotator, play_raters
 
     admin = ls_server.client()
     coco = shared_dir() / "data" / "coco_voc"

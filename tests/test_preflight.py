@@ -13,7 +13,6 @@ import pytest
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.shared import shared_dir
 from projects.experiment import load_experiment
-from projects.ls_local import free_port
 from projects.preflight import (
     PreflightError,
     backend_problem,
@@ -24,6 +23,7 @@ from projects.preflight import (
     redis_problem,
     require_preflight,
 )
+from projects.simulation.ls_local import free_port
 from tests.experiments import DICE, ESP, write_experiment_toml
 
 SHARED = shared_dir()

@@ -1,4 +1,4 @@
-"""Spearman rank correlation and the ranking-stability curve (projects.ranking)."""
+"""Spearman rank correlation and the ranking-stability curve (projects.evaluation.ranking)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ml_backend.metrics import dataset_miou
-from projects.ranking import per_image_confusions, rankdata, ranking_stability, spearman
+from projects.evaluation.ranking import per_image_confusions, rankdata, ranking_stability, spearman
 
 
 def test_rankdata_average_ties() -> None:

@@ -1,4 +1,4 @@
-"""The experiment report (projects.report, `madseg report`) rendered from synthetic results."""
+"""The experiment report (projects.evaluation.report, `madseg report`) rendered from synthetic results."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
 from ml_backend.imageio import write_mask
 from projects.cli import main
-from projects.overlay import blend
-from projects.report import (
+from projects.evaluation.report import (
     RESULTS_FILE,
     SECTION_IDS,
     count_failures,
@@ -26,6 +25,7 @@ from projects.report import (
     stage_times,
     validate_results,
 )
+from projects.overlay import blend
 from projects.state import RoundState
 
 

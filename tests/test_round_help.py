@@ -1,4 +1,4 @@
-"""The report's "did the round help?" numbers (projects.evaluation.round_help, experiment_effort,
+"""The report's "did the round help?" numbers (projects.evaluation.evaluate.round_help, experiment_effort,
 gate_verdicts, markdown_table) and the effort count of Label Studio exports, on synthetic data."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ml_backend.metrics import confusion_matrix
-from projects.evaluation import (
+from projects.evaluation.evaluate import (
     Evaluation,
     ModelEntry,
     experiment_effort,
@@ -19,7 +19,7 @@ from projects.evaluation import (
     round_help,
     table1,
 )
-from projects.evaluation import (
+from projects.evaluation.evaluate import (
     TestSet as EvalSet,
 )
 from projects.rounds import annotation_effort
@@ -129,7 +129,7 @@ def test_evaluation_cache_notices_a_checkpoint_rewritten_in_place(tmp_path: Path
     from PIL import Image
 
     from ml_backend.imageio import write_mask
-    from projects.evaluation import evaluate_models
+    from projects.evaluation.evaluate import evaluate_models
 
     img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(img)

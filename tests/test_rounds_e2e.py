@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ml_backend.shared import shared_dir
-from projects.ls_local import free_port
+from projects.simulation.ls_local import free_port
 from projects.state import RoundState
 from tests.backend_proc import BackendProcess
 

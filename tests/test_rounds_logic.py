@@ -15,7 +15,6 @@ import pytest
 
 from ml_backend.errors import MadsegError
 from ml_backend.shared import shared_dir
-from projects.demo import _toml_with_overrides, demo_overrides, stage_table
 from projects.rounds import (
     MAD_STAGES,
     RoundPlan,
@@ -24,6 +23,7 @@ from projects.rounds import (
     lowest_mos,
     top_by_score,
 )
+from projects.simulation.demo import _toml_with_overrides, demo_overrides, stage_table
 from projects.state import RoundState
 from sampler.candidates import Candidate, Selection, read_candidates, write_candidates
 
@@ -150,7 +150,7 @@ def test_mad_plan_requires_previous_finetune(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_models_caches_confusions(tmp_path: Path) -> None:
-    from projects.evaluation import (
+    from projects.evaluation.evaluate import (
         ModelEntry,
         TestSet,
         evaluate_models,

@@ -1,4 +1,4 @@
-"""Choosing the unbiased test set T(i+1) (projects.testset)."""
+"""Choosing the unbiased test set T(i+1) (projects.evaluation.testset)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ml_backend.classes import VOC_CLASSES
-from projects.testset import choose_test_set, main_classes
+from projects.evaluation.testset import choose_test_set, main_classes
 
 
 def test_main_classes_largest_foreground_ties_and_background() -> None:

@@ -8,7 +8,7 @@
 - :mod:`.task_images`: a task's image (local files or downloaded) for the backend's ``/predict``.
 - :mod:`.connect`: connecting the ML backend to a project (basic auth on the webhook included).
 
-Used by the ML backend (``ml_backend.model``, ``jobs``, ``app``), the admin commands
-(``projects.admin``) and the simulated annotators (``projects.oracle``). Imports nothing from
-``sampler`` or ``projects``.
+Used by the ML backend (``ml_backend.model``, ``jobs``, ``app``), the round projects
+(``projects.round_projects``, ``projects.rating``, ``projects.segmentation``) and the simulated
+annotators (``projects.simulation.oracle``). Imports nothing from ``sampler`` or ``projects``.
 """

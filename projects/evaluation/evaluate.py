@@ -13,7 +13,7 @@ from them:
 - "did the round help?" (:func:`round_help`): the gain of each fine-tuned f(i) and of the served
   model over f(0) on the failure-zone test sets T(1..) (minus its training images), with a paired
   bootstrap interval over images, and the human effort spent (ratings, masks, lead time);
-- ranking stability (paper Appendix C): :func:`projects.ranking.ranking_stability` on the
+- ranking stability (paper Appendix C): :func:`projects.evaluation.ranking.ranking_stability` on the
   stacked confusions of all models over the set's images, in the set's order;
 - the baseline comparison (paper Appendix A): the same numbers for f_MAD and f_entropy on the MAD
   test set drawn between them.
@@ -46,10 +46,10 @@ from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
 
-from .layout import ExperimentLayout, RoundLayout, round_dir
+from ..layout import ExperimentLayout, RoundLayout, round_dir
 
 if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
+    from ..experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def table1(ev: Evaluation, class_names: Sequence[str]) -> dict[str, Any]:
 
 def ranking_curves(ev: Evaluation) -> dict[str, Any]:
     """Per test set (with >= 1 image) the SRCC curve of all models (``RankingCurve.to_dict()``)."""
-    from projects.ranking import ranking_stability
+    from .ranking import ranking_stability
 
     out: dict[str, Any] = {}
     for ts in ev.sets:
@@ -367,7 +367,7 @@ def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
     """The promotion gate's verdict on each fine-tuned f(i) of rounds 1..``rounds`` (from the round
     state): ``{"f(i)": {"status", "reasons", "parent", "metrics"}}``; "not gated" for a state
     written before the gate existed."""
-    from .state import RoundState
+    from ..state import RoundState
 
     out: dict[str, dict[str, Any]] = {}
     for i in range(1, rounds + 1):
@@ -383,7 +383,7 @@ def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
 def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
     """Human effort of the experiment's rounds from their state: ratings and masks (finished
     annotations, annotators, summed ``lead_time``) per round and in total."""
-    from .state import RoundState
+    from ..state import RoundState
 
     per_round = []
     total = {"ratings": 0, "masks": 0, "lead_time_s": 0.0}
@@ -452,12 +452,12 @@ def labelled_pairs(
 
 
 # ==============================================================================================
-# a whole experiment: results.json for projects.report
+# a whole experiment: results.json for projects.evaluation.report
 # ==============================================================================================
 
 
 def _round_info(plan_root: Path, number: int) -> dict[str, Any] | None:
-    from .state import RoundState
+    from ..state import RoundState
 
     st = RoundState.load(plan_root, number)
     return st if st.done("choose") else None
@@ -466,7 +466,7 @@ def _round_info(plan_root: Path, number: int) -> dict[str, Any] | None:
 def experiment_test_sets(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int, *,
                          final_eval: bool) -> list[TestSet]:
     """T(0) and T(1..rounds[+1]) that exist (labels exported), in order."""
-    from .state import RoundState
+    from ..state import RoundState
 
     sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0, "fixed test set (voc_samples half)")]
     last = rounds + (1 if final_eval else 0)
@@ -505,7 +505,7 @@ def _plan_target_key(rd: RoundLayout) -> str:
 
 def experiment_models(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int) -> list[ModelEntry]:
     """f(0..rounds), the competitors, and (when present) the LwF variant and f_entropy."""
-    from .state import RoundState
+    from ..state import RoundState
 
     out = [ModelEntry("f(0)", exp.target.spec(), "target", 0, f"f(0) = {exp.target.key}")]
     for i in range(1, rounds + 1):
@@ -562,7 +562,7 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
                device: str | None, n: int = 8) -> dict[str, Any]:
     from sampler.candidates import read_candidates
 
-    from .state import RoundState
+    from ..state import RoundState
 
     out: dict[str, Any] = {"candidates": [], "lowest_rated": [], "before_after": []}
     st1 = RoundState.load(layout.root, 1)
@@ -613,15 +613,15 @@ def evaluate_experiment(
     baseline: bool = True, device: str | None = None, simulated_raters: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every model on every test set of the experiment in ``layout`` and write
-    ``results.json`` (the structure :mod:`projects.report` renders). ``device``: torch device of
+    ``results.json`` (the structure :mod:`projects.evaluation.report` renders). ``device``: torch device of
     the evaluation; ``simulated_raters``: the oracle played the raters (shown in the settings).
     Returns the results dict."""
     from ml_backend.atomic import atomic_write_json
     from ml_backend.gate import GateCriteria
     from sampler.candidates import read_candidates
 
+    from ..state import RoundState, served_round
     from .report import count_failures, stage_times
-    from .state import RoundState, served_round
 
     sets = experiment_test_sets(exp, layout, rounds, final_eval=final_eval)
     models = experiment_models(exp, layout, rounds)

@@ -10,14 +10,14 @@ a section that says it is not available yet, so the page always has every sectio
       "generated_at": "...",                                 # optional
       "settings": {"target": "...", "n3": 2, ...},           # free-form key -> value
       "rounds": [{"round": 1, "|M|": 57, "|S|": 10, ...}],   # free-form rows
-      "table1": {                                            # = projects.evaluation.table1()
+      "table1": {                                            # = projects.evaluation.evaluate.table1()
         "columns": [{"name": "T(0)", "size": 7, "drawn_round": 0, "note": ""}, ...],
         "rows": [{"key": "f(0)", "label": "...", "role": "target" | "competitor" | ...,
                   "round": 0, "version": "...", "miou": {"T(0)": 0.61, ...},
                   "gt_miou": {"T(0)": 0.63, ...},            # ground-truth-class mIoU (optional)
                   "gate": {"status": "promoted" | "rejected" | ..., "reasons": [...]},  # optional
                   "drawn_against": {"T(1)": true, ...}}, ...]},
-      "help": {                                              # = projects.evaluation.round_help()
+      "help": {                                              # = projects.evaluation.evaluate.round_help()
         "reference": "f(0)", "served": "f(2)", "confidence": 0.95, "failure_zone": ["T(1)", ...],
         "rows": [{"model": "f(1)", "served": false, "images": 55, "reference_gt_miou": 0.4,
                   "gt_miou": 0.45, "gain": 0.05, "ci": [0.01, 0.09], "gain_miou": 0.04,
@@ -30,7 +30,7 @@ a section that says it is not available yet, so the page always has every sectio
                    "rows": [{"method": "MAD", "model": "...", "values": {"mIoU on T_MAD": 0.5}}],
                    "note": "..."},
       "srcc": {"T(1)": {"models": [...], "ks": [1, ...], "srcc": [0.4, ..., 1.0]}, ...},
-                                                             # = projects.evaluation.ranking_curves()
+                                                             # = projects.evaluation.evaluate.ranking_curves()
       "galleries": {"candidates": [ITEM, ...], "lowest_rated": [...], "before_after": [...]},
       "stages": [{"where": "round-1", "stage": "score", "seconds": 12.3}, ...]
     }
@@ -70,9 +70,9 @@ from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 from ml_backend.round_dirs import round_number
 
-from .layout import RESULTS_FILE as RESULTS_FILE  # re-exported: the file the report reads
-from .layout import ROUND_PREFIX, STATE_FILE
-from .overlay import DEFAULT_ALPHA, blend
+from ..layout import RESULTS_FILE as RESULTS_FILE  # re-exported: the file the report reads
+from ..layout import ROUND_PREFIX, STATE_FILE
+from ..overlay import DEFAULT_ALPHA, blend
 
 log = logging.getLogger(__name__)
 

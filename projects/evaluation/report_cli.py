@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ml_backend.errors import MadsegError
+    from projects.evaluation.report import load_results, render_report, stage_times
     from projects.layout import ExperimentLayout
-    from projects.report import load_results, render_report, stage_times
 
     exp_dir: Path = args.experiment
     if not exp_dir.is_dir():

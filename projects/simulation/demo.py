@@ -42,9 +42,9 @@ from typing import Any
 from ml_backend.atomic import atomic_write_json, atomic_write_text
 from ml_backend.errors import MadsegError
 
-from .layout import ExperimentLayout
+from ..layout import ExperimentLayout
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "demo.toml"
+TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "demo.toml"
 BACKEND_START_TIMEOUT_S = 120.0
 
 
@@ -236,9 +236,9 @@ def stage_table(exp_dir: Path) -> str:
 
 def run_demo(args: argparse.Namespace, options: Any) -> int:
     """The ``madseg demo`` command (see the module docstring)."""
-    from .experiment import load_experiment
-    from .pipeline import run_experiment
-    from .state import experiment_lock
+    from ..experiment import load_experiment
+    from ..pipeline import run_experiment
+    from ..state import experiment_lock
 
     config = Path(args.config).resolve() if args.config else TEMPLATE
     exp_dir = Path(args.dir or ("runs/demo-paper" if args.paper else "runs/demo")).resolve()
@@ -250,7 +250,7 @@ def run_demo(args: argparse.Namespace, options: Any) -> int:
     # normal exit path, so Label Studio and the ML backend are stopped too; re-running resumes.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
-    from .preflight import require_preflight
+    from ..preflight import require_preflight
 
     # before starting anything: every model loads and predicts the experiment's classes
     require_preflight(exp, "the demo's models", label_studio=False, device=options.device)

@@ -1,4 +1,4 @@
-"""Label Studio administration for a round: projects, storage, pushes, collection, export (I/O).
+"""Label Studio set-up for a round: projects, storage, idempotent bulk task import (I/O).
 
 Every function takes a :class:`ml_backend.labelstudio.client.LabelStudioClient`
 (``ml_backend.labelstudio.client.connect()``). Connecting the ML backend:
@@ -8,12 +8,11 @@ Every function takes a :class:`ml_backend.labelstudio.client.LabelStudioClient`
   found again by title).
 - :func:`register_local_storage` / :func:`ensure_storages`: local-files storages that let Label
   Studio serve the pool images and overlays (no sync: we import the tasks ourselves).
-- :func:`push_rating_tasks`: candidates M with pre-blended overlays; :func:`push_segmentation_tasks`:
-  S with brush pre-annotations, validated before sending. Pushes are bulk (one request per batch),
-  keyed by the image id in task data and meta, and idempotent: a re-run after a crash adds only
-  the missing tasks; a batch whose request failed is re-checked before it is sent again.
-- :func:`collect_ratings`, :func:`rating_progress`, :func:`segmentation_progress`. Finished masks
-  are exported by :func:`ml_backend.labelstudio.export.export_masks`.
+- :func:`push_tasks`: bulk import (one request per batch), keyed by the image id in task data and
+  meta, and idempotent: a re-run after a crash adds only the missing tasks; a batch whose request
+  failed is re-checked before it is sent again. What the rating and the segmentation project get
+  is built by :mod:`projects.rating` and :mod:`projects.segmentation`.
+- :func:`check_candidates`, :func:`label_maps_from_dir`, :func:`as_label_maps`: the inputs of a push.
 """
 
 from __future__ import annotations
@@ -31,24 +30,10 @@ import numpy as np
 
 from ml_backend.classes import VOC_CLASSES
 from ml_backend.errors import MadsegError
-from ml_backend.labelmaps import resize_labels
 from ml_backend.labelstudio import configs
-from ml_backend.labelstudio.brush import (
-    class_map_results,
-    validate_brush_prediction,
-)
 from ml_backend.labelstudio.client import LabelStudioClient, LabelStudioUnreachable
-from ml_backend.labelstudio.export import (
-    export_tasks,
-    image_wh,
-    is_finished,
-    project_label_config,
-    safe_stem,
-    task_image_id,
-)
-from ml_backend.labelstudio.local_files import local_files_url, relative_to_root, resolve_document_root
-
-from .mos import Rating, parse_rating_result
+from ml_backend.labelstudio.export import task_image_id
+from ml_backend.labelstudio.local_files import relative_to_root, resolve_document_root
 
 log = logging.getLogger(__name__)
 
@@ -410,181 +395,9 @@ def label_maps_from_dir(pred_dir: str | os.PathLike[str], num_classes: int) -> L
     return load
 
 
-def _as_label_maps(predictions: LabelMaps | str | os.PathLike[str], num_classes: int) -> LabelMaps:
+def as_label_maps(predictions: LabelMaps | str | os.PathLike[str], num_classes: int) -> LabelMaps:
+    """``predictions`` as a function image id -> (H, W) label map (a function is returned as is, a
+    folder is read by :func:`label_maps_from_dir`)."""
     if callable(predictions):
         return predictions
     return label_maps_from_dir(predictions, num_classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# rating project
-# ---------------------------------------------------------------------------------------------
-
-
-def push_rating_tasks(
-    client: LabelStudioClient,
-    project_id: int,
-    candidates: Sequence[Mapping[str, Any]],
-    *,
-    predictions: LabelMaps | str | os.PathLike[str],
-    overlay_dir: str | os.PathLike[str],
-    document_root: str | os.PathLike[str] | None = None,
-    num_classes: int = len(VOC_CLASSES),
-    alpha: float = 0.55,
-    batch_size: int = DEFAULT_BATCH,
-    progress: bool = True,
-) -> PushResult:
-    """Push candidates M into the rating project: one task per image with the photo and an overlay
-    of the target's prediction (written to ``overlay_dir/<id>.png``, kept for re-runs).
-
-    ``predictions``: a folder of ``<id>.png`` label maps or a function image id -> (H, W) map.
-    Images and overlays must be under the document root; storages are registered as needed.
-    """
-    from ml_backend.imageio import read_rgb
-
-    from .overlay import write_overlay
-
-    root = resolve_document_root(document_root)
-    title, config = project_label_config(client, project_id)
-    ctl = configs.validate_rating_config(config, f"rating project {project_id} ({title!r})")
-    cands = check_candidates(candidates)
-    overlay_dir = Path(os.path.abspath(overlay_dir))
-    overlay_dir.mkdir(parents=True, exist_ok=True)
-    for c in cands:
-        relative_to_root(c["path"], root, f"image {c['id']}")
-    relative_to_root(overlay_dir, root, "overlay folder")
-    ensure_storages(client, project_id, [overlay_dir, *{str(Path(c["path"]).parent) for c in cands}], root)
-    maps = _as_label_maps(predictions, num_classes)
-
-    def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-        def make() -> dict[str, Any]:
-            iid = c["id"]
-            ov = overlay_dir / f"{safe_stem(iid)}.png"
-            if not ov.exists():
-                write_overlay(ov, read_rgb(c["path"]), maps(iid), alpha)
-            return {
-                "data": {ctl.image_key: local_files_url(c["path"], root), ctl.overlay_key:
-                         local_files_url(ov, root, "overlay"), "image_id": iid},
-                "meta": {"image_id": iid, "path": os.path.abspath(c["path"])},
-            }
-
-        return make
-
-    return push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
-                      progress=progress, desc=f"rating tasks -> project {project_id}")
-
-
-def _annotator(annotation: Mapping[str, Any]) -> int:
-    cb = annotation.get("completed_by")
-    if isinstance(cb, Mapping):
-        cb = cb.get("id")
-    try:
-        return int(cb)
-    except (TypeError, ValueError):
-        return -1
-
-
-def collect_ratings(client: LabelStudioClient, project_id: int) -> list[Rating]:
-    """Every submitted rating of the project (cancelled / skipped ones left out).
-
-    The label config is checked first; a malformed rating raises
-    :class:`projects.mos.RatingError` naming the project, task and annotation.
-    """
-    title, config = project_label_config(client, project_id)
-    ctl = configs.validate_rating_config(config, f"rating project {project_id} ({title!r})")
-    out: list[Rating] = []
-    for task in export_tasks(client, project_id):
-        iid = task_image_id(task)
-        if iid is None:
-            log.warning("project %d task %s has no image id; ignored", project_id, task.get("id"))
-            continue
-        for ann in task.get("annotations") or []:
-            if not is_finished(ann):
-                continue
-            where = f"rating project {project_id}, task {task.get('id')}, annotation {ann.get('id')}"
-            score, ood = parse_rating_result(ann.get("result") or [], where, rating_from=ctl.rating_from,
-                                             ood_from=ctl.ood_from)
-            out.append(Rating(iid, _annotator(ann), score, ood, int(task["id"]), int(ann["id"])))
-    return out
-
-
-def rating_progress(client: LabelStudioClient, project_id: int, raters_per_task: int) -> tuple[int, int]:
-    """(tasks rated by ``raters_per_task`` raters, all tasks) of a rating project."""
-    done = total = 0
-    for t in iter_tasks(client, project_id):
-        total += 1
-        finished = int(t.get("total_annotations") or 0)
-        if finished >= raters_per_task:
-            done += 1
-    return done, total
-
-
-# ---------------------------------------------------------------------------------------------
-# segmentation project
-# ---------------------------------------------------------------------------------------------
-
-
-def push_segmentation_tasks(
-    client: LabelStudioClient,
-    project_id: int,
-    candidates: Sequence[Mapping[str, Any]],
-    *,
-    predictions: LabelMaps | str | os.PathLike[str],
-    model_version: str,
-    classes: Sequence[str] = VOC_CLASSES,
-    scores: Mapping[str, float] | None = None,
-    document_root: str | os.PathLike[str] | None = None,
-    batch_size: int = DEFAULT_BATCH,
-    progress: bool = True,
-) -> PushResult:
-    """Push S into the segmentation project with the target's prediction as pre-annotation.
-
-    One brush result per predicted class (label maps resized to the image with nearest
-    neighbour), ``model_version`` and a score (``scores[id]``, default 0) per prediction, all
-    validated before sending. The project's ``model_version`` is set so the pre-annotations show.
-    """
-    root = resolve_document_root(document_root)
-    title, config = project_label_config(client, project_id)
-    ctl = configs.validate_segmentation_config(config, classes,
-                                               f"segmentation project {project_id} ({title!r})")
-    cands = check_candidates(candidates)
-    for c in cands:
-        relative_to_root(c["path"], root, f"image {c['id']}")
-    ensure_storages(client, project_id, {str(Path(c["path"]).parent) for c in cands}, root)
-    maps = _as_label_maps(predictions, len(classes))
-    scores = scores or {}
-    classes = list(classes)
-
-    def maker(c: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-        def make() -> dict[str, Any]:
-            iid = c["id"]
-            w, h = image_wh(c["path"])
-            lm = resize_labels(maps(iid), (h, w))
-            pred = {"model_version": str(model_version), "score": float(scores.get(iid, 0.0)),
-                    "result": class_map_results(lm, classes, ctl)}
-            validate_brush_prediction(pred, ctl, (w, h), f"image {iid}", decode_rle=False)
-            return {
-                "data": {ctl.image_key: local_files_url(c["path"], root), "image_id": iid},
-                "meta": {"image_id": iid, "path": os.path.abspath(c["path"])},
-                "predictions": [pred],
-            }
-
-        return make
-
-    result = push_tasks(client, project_id, [(c["id"], maker(c)) for c in cands], batch_size=batch_size,
-                        progress=progress, desc=f"segmentation tasks -> project {project_id}")
-    if result.task_ids:  # Label Studio accepts a model version only once predictions carry it
-        client.request("PATCH", f"api/projects/{project_id}",
-                       f"setting model version of project {project_id}",
-                       json={"model_version": str(model_version), "show_collab_predictions": True})
-    return result
-
-
-def segmentation_progress(client: LabelStudioClient, project_id: int) -> tuple[int, int]:
-    """(tasks with a submitted annotation, all tasks) of a segmentation project."""
-    done = total = 0
-    for t in iter_tasks(client, project_id):
-        total += 1
-        if int(t.get("total_annotations") or 0) > 0:
-            done += 1
-    return done, total

@@ -1,0 +1,1 @@
+"""Simulation of the human side: the ground-truth oracle, the demo, a local Label Studio."""
