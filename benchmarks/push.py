@@ -68,15 +68,15 @@ def bench_push(
             pid = round_projects.ensure_project(client, "benchmark push", configs.segmentation_config())
             t0, cpu0, srv0 = time.perf_counter(), time.process_time(), process_cpu_s(server.process.pid)
             res = segmentation.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
-                                                model_version="bench@v1", document_root="/",
-                                                batch_size=batch_size, progress=False)
+                                                       model_version="bench@v1", document_root="/",
+                                                       batch_size=batch_size, progress=False)
             push_s = time.perf_counter() - t0
             client_cpu = time.process_time() - cpu0
             server_cpu = process_cpu_s(server.process.pid) - srv0
             t0 = time.perf_counter()
             again = segmentation.push_segmentation_tasks(client, pid, cands, predictions=by_id.__getitem__,
-                                                  model_version="bench@v1", document_root="/",
-                                                  batch_size=batch_size, progress=False)
+                                                         model_version="bench@v1", document_root="/",
+                                                         batch_size=batch_size, progress=False)
             repush_s = time.perf_counter() - t0
             regions = sum(len(np.unique(by_id[c["id"]])) for c in cands)
         finally:

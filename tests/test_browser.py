@@ -83,8 +83,9 @@ def test_rating_and_segmentation_tasks_render(ls_server, tmp_path):
                                      progress=False)
     seg = segmentation.push_segmentation_tasks(client, pids.segmentation, cand,
                                                predictions=lambda _i: label_map,
-                                        model_version="target@browser", document_root=ls_server.document_root,
-                                        progress=False)
+                                               model_version="target@browser",
+                                               document_root=ls_server.document_root,
+                                               progress=False)
     user = ls_server.user("browser-viewer")
     photo = read_rgb(photo_path).astype(np.float32)
     overlay = np.asarray(Image.open(overlays / "bike-1.png").convert("RGB")).astype(np.float32)

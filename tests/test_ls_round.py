@@ -61,21 +61,22 @@ def client(ls_server):
 @pytest.fixture(scope="module")
 def projects_(client, ls_server, pool) -> round_projects.RoundProjects:
     return round_projects.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
-                                       document_root=ls_server.document_root,
-                                       storage_folders=[pool["root"]])
+                                                document_root=ls_server.document_root,
+                                                storage_folders=[pool["root"]])
 
 
 def test_create_round_projects_idempotent(client, ls_server, projects_, pool):
     again = round_projects.create_round_projects(client, "pytest-exp", 1, raters_per_task=3,
-                                        document_root=ls_server.document_root, storage_folders=[pool["root"]])
+                                                 document_root=ls_server.document_root,
+                                                 storage_folders=[pool["root"]])
     assert again == projects_
-    rating = client.request("GET", f"api/projects/{projects_.rating}", "get")
+    rate_p = client.request("GET", f"api/projects/{projects_.rating}", "get")
     seg = client.request("GET", f"api/projects/{projects_.segmentation}", "get")
-    assert "round 1" in rating["title"] and "rating" in rating["title"]
+    assert "round 1" in rate_p["title"] and "rating" in rate_p["title"]
     assert "round 1" in seg["title"] and "segmentation" in seg["title"]
-    assert rating["maximum_annotations"] == 3 and seg["maximum_annotations"] == 1
-    assert rating["expert_instruction"] and seg["expert_instruction"]
-    configs.validate_rating_config(rating["label_config"])
+    assert rate_p["maximum_annotations"] == 3 and seg["maximum_annotations"] == 1
+    assert rate_p["expert_instruction"] and seg["expert_instruction"]
+    configs.validate_rating_config(rate_p["label_config"])
     assert configs.validate_segmentation_config(seg["label_config"], VOC_CLASSES).labels == VOC_CLASSES
     assert len(round_projects.list_storages(client, projects_.rating)) == 1  # not duplicated
 
@@ -84,16 +85,16 @@ def test_push_rating_idempotent_after_partial_push(client, ls_server, projects_,
     overlays = pool["root"] / "overlays"
     half = rating.push_rating_tasks(client, projects_.rating, pool["cands"][:20],
                                     predictions=pool["pred_dir"],
-                                   overlay_dir=overlays, document_root=ls_server.document_root, batch_size=8,
-                                   progress=False)
+                                    overlay_dir=overlays, document_root=ls_server.document_root, batch_size=8,
+                                    progress=False)
     assert (half.created, half.existing) == (20, 0)
     full = rating.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
-                                   overlay_dir=overlays, document_root=ls_server.document_root,
-                                   progress=False)
-    assert (full.created, full.existing) == (30, 20)
-    again = rating.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
                                     overlay_dir=overlays, document_root=ls_server.document_root,
                                     progress=False)
+    assert (full.created, full.existing) == (30, 20)
+    again = rating.push_rating_tasks(client, projects_.rating, pool["cands"], predictions=pool["pred_dir"],
+                                     overlay_dir=overlays, document_root=ls_server.document_root,
+                                     progress=False)
     assert (again.created, again.existing) == (0, 50)
     tasks = list(round_projects.iter_tasks(client, projects_.rating))
     assert len(tasks) == 50
@@ -156,14 +157,14 @@ def test_segmentation_preannotations_and_export_roundtrip(client, ls_server, pro
     s = pool.get("S") or [c["id"] for c in pool["cands"][:N4]]
     chosen = [c for c in pool["cands"] if c["id"] in s]
     res = segmentation.push_segmentation_tasks(client, projects_.segmentation, chosen,
-                                               predictions=pool["pred_dir"],
-                                        model_version="target@v1", document_root=ls_server.document_root,
-                                        scores={s[0]: 0.25}, progress=False)
+                                               predictions=pool["pred_dir"], model_version="target@v1",
+                                               document_root=ls_server.document_root,
+                                               scores={s[0]: 0.25}, progress=False)
     assert res.created == len(chosen)
     assert segmentation.push_segmentation_tasks(client, projects_.segmentation, chosen,
-                                                predictions=pool["pred_dir"],
-                                         model_version="target@v1", document_root=ls_server.document_root,
-                                         progress=False).created == 0
+                                                predictions=pool["pred_dir"], model_version="target@v1",
+                                                document_root=ls_server.document_root,
+                                                progress=False).created == 0
     _, config = export.project_label_config(client, projects_.segmentation)
     ctl = configs.validate_segmentation_config(config)
     annotator = ls_server.user("annotator1")
@@ -223,7 +224,7 @@ def test_rating_project_without_rating_control(client, ls_server, pool, tmp_path
         rating.collect_ratings(client, pid)
     with pytest.raises(MadsegError, match="lacks the rating control 'rating'"):
         rating.push_rating_tasks(client, pid, pool["cands"][:2], predictions=pool["pred_dir"],
-                                overlay_dir=tmp_path, document_root=ls_server.document_root, progress=False)
+                                 overlay_dir=tmp_path, document_root=ls_server.document_root, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +232,8 @@ def bad_seg_project(client, ls_server, pool):
     """A segmentation project with one task (no annotation yet)."""
     pid = round_projects.ensure_project(client, "pytest bad segmentation", configs.segmentation_config())
     res = segmentation.push_segmentation_tasks(client, pid, pool["cands"][:1], predictions=pool["pred_dir"],
-                                        model_version="v0", document_root=ls_server.document_root,
-                                        progress=False)
+                                               model_version="v0", document_root=ls_server.document_root,
+                                               progress=False)
     return pid, res.task_ids[pool["cands"][0]["id"]], pool["maps"][pool["cands"][0]["id"]].shape
 
 
@@ -272,14 +273,14 @@ def test_push_refuses_invalid_prediction(client, ls_server, pool, bad_seg_projec
     bad = np.full((7, 9), 30, np.uint8)  # class 30 does not exist
     with pytest.raises(MadsegError, match="outside 0..20"):
         segmentation.push_segmentation_tasks(client, pid, pool["cands"][1:2], predictions=lambda _i: bad,
-                                      model_version="v0", document_root=ls_server.document_root,
-                                      progress=False)
+                                             model_version="v0", document_root=ls_server.document_root,
+                                             progress=False)
     outside = tmp_path / "x.jpg"
     outside.write_bytes(Path(pool["cands"][0]["path"]).read_bytes())
     with pytest.raises(MadsegError, match="outside the Label Studio document root"):
         segmentation.push_segmentation_tasks(client, pid, [{"id": "x", "path": str(outside)}],
-                                      predictions=pool["pred_dir"], model_version="v0",
-                                      document_root=pool["root"] / "pred", progress=False)
+                                             predictions=pool["pred_dir"], model_version="v0",
+                                             document_root=pool["root"] / "pred", progress=False)
 
 
 def test_label_studio_unreachable_is_one_clear_error():
@@ -319,8 +320,8 @@ def test_push_after_lost_response_adds_no_duplicates(client, ls_server, pool, mo
     monkeypatch.setattr(client, "post_json_once", flaky)
     monkeypatch.setattr(client, "backoff_s", 0.05)
     res = rating.push_rating_tasks(client, pid, pool["cands"][:7], predictions=pool["pred_dir"],
-                                  overlay_dir=pool["root"] / "overlays",
-                                  document_root=ls_server.document_root, batch_size=3, progress=False)
+                                   overlay_dir=pool["root"] / "overlays",
+                                   document_root=ls_server.document_root, batch_size=3, progress=False)
     assert res.created == 7 and calls["import"] == 3
     ids = [export.task_image_id(t) for t in round_projects.iter_tasks(client, pid)]
     assert sorted(ids) == sorted(c["id"] for c in pool["cands"][:7])
