@@ -22,9 +22,24 @@ training image:
   standard mIoU and the ground-truth-class mIoU (``ml_backend.metrics.gt_class_miou``).
 
 ``--dev`` fine-tunes each method of :data:`METHODS` on seed 0's failures (n4 = 40) and measures
-them on a DEV split only: the training half minus the training images (``dev_random``), its
-lower-GT-mIoU half drawn by the same test-set rules (``dev_failure_zone``) and T(0) images 100-149
-(``dev_t0``). The test numbers are never used to choose.
+them on a DEV split only, inside the training half. The rest of the training half (the 60 images
+not trained on) is split deterministically (:func:`dev_split`: sorted by f(0) GT mIoU, each
+consecutive pair split by a seeded coin) into a **pseudo reservoir** (the only images that method
+"pseudo" pseudo-labels, or "lwf" distils on) and a **dev-eval part**, so that no image is both
+pseudo-labelled and evaluated: ``dev_random`` = the whole dev-eval part, ``dev_failure_zone`` = 15
+of its images below its f(0) median drawn by the same test-set rules, ``dev_t0`` = T(0) images
+100-149. Every method is measured on the same sets. The held-out half and the test T(0) images
+are never used to choose. In test mode the pseudo-labelled (or distilled) images are the training
+half minus the training images (never a held-out image).
+
+**The choice rule, fixed before the dev results of the pseudo-label / balanced / EMA / long-schedule
+round were seen** (dev sets: standard mIoU; dev T(0): ground-truth-class mIoU; "gain" = f(1) - f(0)):
+a method qualifies when its dev T(0) gain >= -0.01 and its dev_random gain >= -0.005; among the
+qualifying methods the largest dev_failure_zone gain wins (a method within 0.001 of the default
+``all_lr3e-5`` counts as a tie and the default stays). If none qualifies, the default stays unless a
+method is better than the default on all three dev sets (then the best of those by failure-zone
+gain). A winner that needs the competitors' predictions in the round (pseudo-labels) is reported
+but does not become the ``FinetuneConfig`` default (it is not a config-only change).
 
 Everything is written incrementally to ``--json`` (a rerun resumes: finished cells are skipped).
 """
@@ -56,25 +71,41 @@ DEFAULT_COMPETITORS = ("espnetv2:models/espnetv2/espnetv2_s_2.0_pascal_256x256.p
                        "tflite:models/tflite/deeplabv3_mnv2_dm05_voc.tflite")
 
 _BASE: dict[str, Any] = {"lrs": (1e-4,), "scale_range": (0.75, 1.25)}
+_LR3E5: dict[str, Any] = {**_BASE, "lrs": (3e-5,)}
 #: The methods the dev split compares: FinetuneConfig overrides ("pseudo": add the competitors'
-#: agreement labels on the rated-but-unlabelled training-half images; "steps_mult": longer
-#: schedule). "default" = FinetuneConfig() as shipped (its first learning rate).
+#: agreement labels on the rated-but-unlabelled training-half images; "lwf": distil f(0) on those
+#: same images (LwF, Li & Hoiem 2016), no labels; "steps_mult": longer schedule). "default" =
+#: FinetuneConfig() as shipped (its first learning rate).
+#: ``ema_lr3e-5`` uses ema_decay 0.9: an averaging window of ~1 / (1 - 0.9) = 10 of the 40 steps,
+#: and 0.9 ** 40 = 1.5 % of the parent left in the average (0.95 / 0.99 would keep 13 % / 67 % of
+#: the parent: an interpolation back to f(0), not an average of the trajectory's end).
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
     "all_lr1e-4": dict(_BASE),
     "all_lr1e-4_scale0.5-2": {**_BASE, "scale_range": (0.5, 2.0)},
-    "all_lr3e-5": {**_BASE, "lrs": (3e-5,)},
-    "all_lr1e-5_long": {**_BASE, "lrs": (1e-5,), "steps_mult": 2.0},
+    "all_lr3e-5": dict(_LR3E5),
+    "all_lr1e-5_long": {**_BASE, "lrs": (1e-5,), "steps_mult": 4.0},
     "enc0.1_lr1e-4": {**_BASE, "encoder_lr_mult": 0.1},
-    "enc0.1_lr3e-5": {**_BASE, "lrs": (3e-5,), "encoder_lr_mult": 0.1},
+    "enc0.1_lr3e-5": {**_LR3E5, "encoder_lr_mult": 0.1},
     "decoder_lr1e-3": {**_BASE, "lrs": (1e-3,), "encoder_lr_mult": 0.0},
     "decoder_lr1e-4": {**_BASE, "encoder_lr_mult": 0.0},
     "l2sp_lr1e-4": {**_BASE, "l2sp_weight": 100.0},
-    "l2sp_lr3e-5": {**_BASE, "lrs": (3e-5,), "l2sp_weight": 300.0},
+    "l2sp_lr3e-5": {**_LR3E5, "l2sp_weight": 300.0},
     "balanced_lr1e-4": {**_BASE, "sampling": "balanced"},
+    "balanced_lr3e-5": {**_LR3E5, "sampling": "balanced"},
     "pseudo_lr1e-4": {**_BASE, "pseudo": True},
+    "pseudo_lr3e-5": {**_LR3E5, "pseudo": True, "pseudo_weight": 0.5},
+    "pseudo_lr3e-5_w1": {**_LR3E5, "pseudo": True, "pseudo_weight": 1.0},
+    "pseudo_lr3e-5_long": {**_LR3E5, "pseudo": True, "pseudo_weight": 0.5, "steps_mult": 3.0},
     "ema_lr1e-4": {**_BASE, "ema_decay": 0.9},
+    "ema_lr3e-5": {**_LR3E5, "ema_decay": 0.9},
+    "lwf_lr3e-5": {**_LR3E5, "lwf": True, "lwf_weight": 1.0},
 }
+#: The methods of the second dev round (the current default first, as the dev reference).
+DEV_METHODS_ROUND2 = ("pseudo_lr3e-5_long", "all_lr1e-5_long", "all_lr3e-5", "pseudo_lr3e-5",
+                      "pseudo_lr3e-5_w1", "balanced_lr3e-5", "ema_lr3e-5", "lwf_lr3e-5")
+#: Dev failure-zone size (the dev-eval part has 30 images).
+DEV_FAILURE_ZONE_SIZE = 15
 
 
 def _cache_root() -> Path:
@@ -109,15 +140,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", default="0,1,2", help="split/training seeds")
     g.add_argument("--choosers", default="failures,entropy", help="failures and/or entropy")
     g.add_argument("--method", default="default", choices=sorted(METHODS), help="fine-tune method")
-    g.add_argument("--steps", type=int, default=60,
+    g.add_argument("--steps", type=int, default=40,
                    help="SGD steps per fine-tune (epochs = ceil(steps / steps per epoch))")
     g.add_argument("--crop", type=int, default=192,
                    help="training crop side (inference stays at the model's input size; the scale range "
                         "is relative to that size)")
     g.add_argument("--test-size", type=int, default=30, help="failure-zone test-set size")
     g.add_argument("--dev", action="store_true", help="compare METHODS on the dev split (n4 = 40, seed 0)")
-    g.add_argument("--dev-methods", default=",".join(m for m in METHODS if m != "default"),
-                   help="methods for --dev")
+    g.add_argument("--dev-methods", default=",".join(DEV_METHODS_ROUND2),
+                   help="methods for --dev (default: the second round, the current default first)")
     g.add_argument("--procs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
     g.add_argument("--device", default="cpu")
 
@@ -153,6 +184,61 @@ def failure_zone(idx: np.ndarray, miou: np.ndarray, main_class: np.ndarray, stem
                              max_per_class=4, seed=seed)
     pos = {s: i for i, s in enumerate(stems)}
     return [pos[s] for s in choice.ids]
+
+
+def dev_split(rest: np.ndarray, miou: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the ``rest`` indices (training half minus the training images) into (pseudo reservoir,
+    dev-eval part), sorted index arrays of half the size each (the reservoir gets the odd one).
+
+    Stratified by f(0) per-image mIoU ``miou`` (N,): the rest is sorted by it and each consecutive
+    pair is split by a coin of ``np.random.default_rng([seed, 11])``, so both parts hold as many
+    failures and the split is the same for every method.
+    """
+    order = np.asarray(rest)[np.argsort(miou[rest], kind="stable")]
+    rng = np.random.default_rng([seed, 11])
+    reservoir, evaluation = [], []
+    for k in range(0, len(order) - 1, 2):
+        a, b = int(order[k]), int(order[k + 1])
+        if rng.random() < 0.5:
+            a, b = b, a
+        reservoir.append(a)
+        evaluation.append(b)
+    if len(order) % 2:
+        reservoir.append(int(order[-1]))
+    return np.array(sorted(reservoir), dtype=np.int64), np.array(sorted(evaluation), dtype=np.int64)
+
+
+def choose_dev(summary_rows: dict[str, Any], reference: str = "all_lr3e-5") -> dict[str, Any]:
+    """Apply the dev choice rule (module docstring) to the dev summary rows (``summary()`` keys
+    ``METHOD/n4=40/failures``); returns the rule's inputs and the chosen method."""
+    gains: dict[str, dict[str, float]] = {}
+    for g, row in summary_rows.items():
+        if "dev_random.miou.delta" not in row:
+            continue
+        gains[g.split("/")[0]] = {"failure_zone": row["dev_failure_zone.miou.delta"]["mean"],
+                                  "random": row["dev_random.miou.delta"]["mean"],
+                                  "t0_gt": row["dev_t0.gt_miou.delta"]["mean"]}
+    if reference not in gains:
+        return {"gains": gains, "chosen": None, "why": f"the reference {reference} has no dev cell yet"}
+    qualify = sorted(m for m, v in gains.items() if v["t0_gt"] >= -0.01 and v["random"] >= -0.005)
+    ref = gains[reference]
+    if qualify:
+        best = max(qualify, key=lambda m: (gains[m]["failure_zone"], m == reference))
+        tie = gains[best]["failure_zone"] - ref["failure_zone"] <= 0.001
+        if best != reference and reference in qualify and tie:
+            best, why = reference, "tie within 0.001 with the reference: the reference stays"
+        else:
+            why = "largest dev failure-zone gain among the qualifying methods"
+    else:
+        better = [m for m, v in gains.items() if m != reference and all(v[k] > ref[k] for k in ref)]
+        if better:
+            best = max(better, key=lambda m: gains[m]["failure_zone"])
+            why = "none qualifies; better than the reference on all three dev sets"
+        else:
+            best = reference
+            why = "none qualifies and none beats the reference on all three: the reference stays"
+    return {"gains": gains, "qualifying": qualify, "chosen": best, "why": why,
+            "needs_competitors": bool(METHODS.get(best, {}).get("pseudo"))}
 
 
 def summarize(cm: np.ndarray) -> dict[str, float]:
@@ -273,6 +359,7 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
     train = LabelledFolder(job["pool_dir"], job["train"])
     overrides = dict(job["config"])
     use_pseudo = bool(overrides.pop("pseudo", False))
+    use_lwf = bool(overrides.pop("lwf", False))
     steps_mult = float(overrides.pop("steps_mult", 1.0))
     spe = int(np.ceil(len(train) / overrides.get("batch_size", 2)))
     overrides["epochs"] = max(1, int(np.ceil(job["steps"] * steps_mult / spe)))
@@ -298,9 +385,13 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
         pf = LabelledFolder(job["pseudo_dir"])
         wanted = [s for s in job["pseudo_stems"] if s in set(pf.stems)]
         pseudo = LabelledFolder(job["pseudo_dir"], wanted) if wanted else None
+    unlabelled = None
+    if use_lwf:
+        by_stem = dict(zip(pool.stems, pool.pairs, strict=True))
+        unlabelled = [str(by_stem[s][0]) for s in job["pseudo_stems"]]
     out = Path(job["out_dir"])
     res = finetune(model, train, out, replay=LabelledFolder(job["s0"]), config=cfg, pseudo=pseudo,
-                   progress=False)
+                   unlabelled=unlabelled, progress=False)
     t_train = time.time() - t0
     from ml_backend.zoo import load_model_spec
 
@@ -316,6 +407,9 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
     sets[job["t0_name"]] = summarize(t0_cm)
     losses = res.runs[0]["train_loss"] if res.runs else []
     return {"key": job["key"], "sets": sets, "epochs": cfg.epochs, "lr": res.lr,
+            "steps": cfg.epochs * int(np.ceil(len(train) / cfg.batch_size)),
+            "pseudo_images": len(pseudo) if pseudo is not None else 0,
+            "lwf_images": len(unlabelled) if unlabelled is not None else 0,
             "scale_range_at_crop": [round(v, 3) for v in cfg.scale_range],
             "train_loss": [round(v, 4) for v in losses],
             "seconds": {"finetune": round(t_train, 1), "evaluate": round(time.time() - t1, 1)}}
@@ -383,10 +477,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method if not args.dev else "dev comparison",
         "config": {k: v for k, v in METHODS[args.method].items()} if not args.dev else None,
         "definitions": __doc__,
+        "dev_sets": (
+            "dev_split(): the training half minus the training images, sorted by f(0) GT mIoU, each "
+            "consecutive pair split by a seeded coin (rng [seed, 11]) into a pseudo reservoir (pseudo-"
+            "labelled / distilled images) and a dev-eval part; dev_random = the dev-eval part, "
+            f"dev_failure_zone = {DEV_FAILURE_ZONE_SIZE} images below its f(0) median by the test-set "
+            "rules; the same sets for every method") if args.dev else None,
+        "pseudo_images": "the pseudo reservoir (dev)" if args.dev
+        else "the training half minus the training images (never a held-out image)",
     }
 
     pseudo_dir = None
     methods = [m for m in args.dev_methods.split(",") if m] if args.dev else [args.method]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MadsegError(f"efficacy_finetune: method(s) {unknown} unknown; known: {sorted(METHODS)}")
     if any(METHODS[m].get("pseudo") for m in methods):
         t = time.time()
         competitors = [c for c in args.ft_competitors.split(",") if c]
@@ -412,18 +517,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise MadsegError(
                         f"efficacy_finetune: chooser {chooser!r} unknown; use failures, entropy"
                     )
+                rest = np.array(sorted(set(tr.tolist()) - set(train_idx.tolist())), dtype=np.int64)
                 if args.dev:
-                    rest = np.array(sorted(set(tr.tolist()) - set(train_idx.tolist())))
-                    sets = {"dev_random": rest.tolist(),
-                            "dev_failure_zone": failure_zone(rest, miou, main_class, stems, 20, seed)}
+                    reservoir, dev_eval = dev_split(rest, miou, seed)
+                    sets = {"dev_random": dev_eval.tolist(),
+                            "dev_failure_zone": failure_zone(dev_eval, miou, main_class, stems,
+                                                             DEV_FAILURE_ZONE_SIZE, seed)}
+                    rated_unlabelled = reservoir.tolist()
                 else:
                     sets = {"random": ho.tolist(),
                             "failure_zone": failure_zone(ho, miou, main_class, stems, args.test_size, seed)}
-                assert not set(train_idx.tolist()) & {i for v in sets.values() for i in v}
+                    rated_unlabelled = rest.tolist()
+                evaluated = {i for v in sets.values() for i in v}
+                trained = set(train_idx.tolist())
+                extra = set(rated_unlabelled)
+                if trained & evaluated or trained & extra or evaluated & extra:
+                    raise AssertionError(  # a leak is a bug of this script, never of the input
+                        f"efficacy_finetune: seed {seed}: training, pseudo-labelled and evaluated images "
+                        "overlap")
                 f0_sets = {k: summarize(f0["cms"][v].sum(0)) for k, v in sets.items()}
                 f0_sets[t0_name] = f0_t0
                 f0_rows[f"seed{seed}/n4={n4}/{chooser}"] = f0_sets
-                rated_unlabelled = sorted(set(tr.tolist()) - set(train_idx.tolist()))
                 for method in methods:
                     key = f"{method}/seed{seed}/n4={n4}/{chooser}"
                     if key in result["cells"]:
@@ -432,6 +546,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # what is trained (not where it is evaluated): dev and test cells share runs
                     what = [cfg, [stems[i] for i in train_idx], seed, args.steps, args.crop, args.ft_target,
                             args.s0, "inference-scale"]
+                    if cfg.get("pseudo") or cfg.get("lwf"):  # the extra images are part of what is trained
+                        what.append(sorted(stems[i] for i in rated_unlabelled))
                     blob = json.dumps(what, sort_keys=True, default=str).encode()
                     tag = hashlib.sha256(blob).hexdigest()[:12]
                     jobs.append({
@@ -446,6 +562,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "pseudo_stems": [stems[i] for i in rated_unlabelled],
                         "f0": f0_sets, "meta": {"method": method, "seed": seed, "n4": n4, "chooser": chooser,
                                                 "train": [stems[i] for i in train_idx],
+                                                "pseudo_pool": [stems[i] for i in rated_unlabelled]
+                                                if (cfg.get("pseudo") or cfg.get("lwf")) else [],
                                                 "set_sizes": {k: len(v) for k, v in sets.items()}},
                     })
     # the headline cells first (failures, n4 = 40), so that a partial run still answers the target,
@@ -464,6 +582,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          for k in cell["sets"]}
         result["cells"][job["key"]] = cell
         result["summary"] = summary(result["cells"])
+        if args.dev:
+            result["choice"] = choose_dev(result["summary"])
         spent = cell["seconds"]["finetune"] + cell["seconds"]["evaluate"]
         result["timings"]["cells_s"] = round(result["timings"].get("cells_s", 0.0) + spent, 1)
         _write(out_path, result)
@@ -482,6 +602,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             record(job, _cell(job))
     result["timings"]["wall_s_this_run"] = round(time.time() - t_start, 1)
     result["summary"] = summary(result["cells"])
+    if args.dev:
+        result["choice"] = choose_dev(result["summary"])
+        print(json.dumps(result["choice"], indent=1), flush=True)
     _write(out_path, result)
     return result
 
