@@ -23,7 +23,7 @@ Model directory, queue, fine-tuning:
 ``MADSEG_REPLAY_DIR``       S(0): a labelled folder (images/ + masks/) replayed in every fine-tune
 ``MADSEG_REPLAY_SUBSET``    part of that folder to replay, e.g. ``half0`` (default: all of it)
 ``MADSEG_VAL_DIR``, ``MADSEG_VAL_SUBSET``  T(0): labelled folder that picks the learning rate when the
-                            fine-tune settings give several (``lr_grid``) and that the promotion gate
+                            fine-tune settings give several (``lrs``) and that the promotion gate
                             checks forgetting on. Without it no fine-tuned version is promoted (it is
                             kept and listed as rejected in ``/versions``; the pointer does not move)
 ``MADSEG_GATE_OPTIONS``     JSON object of ``ml_backend.gate.GateCriteria`` fields, e.g.

@@ -6,7 +6,7 @@ writes it as JSON; the backend reads that file from ``MADSEG_BACKEND_SETTINGS``
 (``madseg backend`` / ``madseg worker`` do both steps when ``MADSEG_EXPERIMENT`` is set). The file::
 
     {"target": {"name": ..., "checkpoint": ..., "options": {...}},   # the zoo spec of f(0)
-     "finetune": {...},                  # ml_backend.finetune.FinetuneConfig fields (+ "preset", "lr_grid")
+     "finetune": {...},                  # ml_backend.finetune.FinetuneConfig field names (+ "preset")
      "replay": {"root": ..., "subset": ...} | null,   # S(0), when the fine-tune replays it
      "val": {"root": ..., "subset": ...} | null,      # T(0)
      "document_root": str | null, "dir": str | null,   # Label Studio's local-files root, experiment dir

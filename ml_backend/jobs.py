@@ -266,13 +266,18 @@ def export_training_data(
     return total
 
 
+#: Old names of ``FinetuneConfig.lrs`` still read (deprecated).
+DEPRECATED_FINETUNE_KEYS = ("lr_grid", "lr")
+
+
 def finetune_config(options: dict[str, Any]) -> Any:
     """``ml_backend.finetune.FinetuneConfig`` from backend/experiment settings.
 
     Starts from ``ml_backend.finetune.PRESETS[options["preset"]]`` (default ``"demo"``, the
-    benchmark-chosen recipe) and applies the other keys: the config's own field names plus the
-    experiment's spellings (``lr_grid`` or ``lr`` for ``lrs``; ``replay`` is handled elsewhere).
-    Unknown keys, an unknown preset or bad values -> :class:`MadsegError` naming them.
+    benchmark-chosen recipe) and applies the other keys, which are the config's own field names
+    (the experiment's ``[finetune]`` uses the same names; ``replay`` is handled elsewhere). The old
+    spellings ``lr_grid`` (a list) and ``lr`` (one rate) are still read as ``lrs``, with a one-line
+    warning. Unknown keys, an unknown preset or bad values -> :class:`MadsegError` naming them.
     """
     import dataclasses
 
@@ -282,10 +287,13 @@ def finetune_config(options: dict[str, Any]) -> Any:
     if preset not in PRESETS:
         raise MadsegError(f"MADSEG_FINETUNE_OPTIONS: unknown preset {preset!r}; use one of {sorted(PRESETS)}")
     opts = {k: v for k, v in options.items() if k not in ("preset", "replay")}
-    if "lr_grid" in opts:
-        opts["lrs"] = opts.pop("lr_grid")
-    if "lr" in opts:
-        opts["lrs"] = (opts.pop("lr"),)
+    for old in DEPRECATED_FINETUNE_KEYS:
+        if old in opts:
+            if "lrs" in opts:
+                raise MadsegError(f"MADSEG_FINETUNE_OPTIONS: gives both {old!r} and 'lrs'; keep 'lrs'")
+            log.warning("fine-tune setting %r is deprecated; use 'lrs' (a list of learning rates)", old)
+            value = opts.pop(old)
+            opts["lrs"] = value if old == "lr_grid" else (value,)
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     unknown = sorted(set(opts) - fields)
     if unknown:

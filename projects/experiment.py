@@ -19,7 +19,8 @@ Sections and keys (defaults in brackets)::
                   bounds_method ["quartiles"], min_count [5], order ["failures"],
                   rating_budget [0 = all of M], metric ["miou"], working_size [model input size],
                   baseline ["entropy"]
-    [finetune]    preset ["demo"], epochs, batch_size, lr_grid, replay, lwf_weight
+    [finetune]    preset ["demo"], epochs, steps, batch_size, lrs, replay, lwf_weight, scale_range,
+                  clip_grad_norm, encoder_lr_mult, sampling, l2sp_weight, ema_decay
     [label_studio] url, api_key_env ["LABEL_STUDIO_API_KEY"], document_root, raters_per_task [3],
                   backend_url
     [oracle]      enabled [false], gt [[]], noise [0.1], thresholds [[0.2, 0.4, 0.6, 0.8]],
@@ -35,8 +36,10 @@ Fine-tune presets (``ml_backend.finetune.PRESETS``, shared with ``madseg finetun
 ``paper`` (80 epochs, batch 2, LR grid {1, 5, 10}e-5, scale 0.5-2.0, replay of S(0)) and ``demo``
 (40 SGD steps, batch 2, one LR 3e-5, scale 0.75-1.25, replay; chosen on a dev split by
 ``benchmarks/efficacy_finetune.py``). ``[finetune]`` keys are ``FinetuneConfig`` field names
-(``lr_grid`` = ``lrs``; ``steps`` = 0 means use ``epochs``; ``clip_grad_norm`` = 0 means no
-clipping; ``scale_range`` = [min, max]); ``FinetuneSettings.to_config`` builds the config. Explicit
+(``lrs``: one learning rate or a grid chosen on T(0); ``steps`` = 0 means use ``epochs``;
+``clip_grad_norm`` = 0 means no clipping; ``scale_range`` = [min, max]), plus ``preset`` and
+``replay`` (S(0) replayed in every step); ``FinetuneSettings.to_config`` builds the config. The
+old key ``lr_grid`` is still read as ``lrs`` (deprecated; a one-line warning says so). Explicit
 keys in ``[finetune]`` override the preset's values, and ``load_experiment(..., preset="paper")``
 swaps the preset (the "one flag away" switch of ``madseg demo``).
 
@@ -47,6 +50,7 @@ key, e.g. ``experiment.toml: [selection] n3 must be a positive integer, got -1``
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import sys
@@ -60,6 +64,8 @@ from ml_backend.errors import MadsegError
 from ml_backend.finetune_config import PRESETS as FT_PRESETS
 from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig
 
+log = logging.getLogger(__name__)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -70,7 +76,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 #: and the LwF weight 0 (LwF is the separate "f(1) LwF" variant) in both.
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     name: {
-        "epochs": cfg.epochs, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr_grid": tuple(cfg.lrs),
+        "epochs": cfg.epochs, "steps": cfg.steps, "batch_size": cfg.batch_size, "lrs": tuple(cfg.lrs),
         "replay": True,
         "lwf_weight": 0.0, "scale_range": tuple(cfg.scale_range), "clip_grad_norm": cfg.clip_grad_norm,
         "encoder_lr_mult": cfg.encoder_lr_mult, "sampling": cfg.sampling, "l2sp_weight": cfg.l2sp_weight,
@@ -97,11 +103,13 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "n3", "n4", "test_size", "max_per_class", "bounds", "bounds_method", "min_count", "order",
         "rating_budget", "metric", "working_size", "baseline",
     ),
-    "finetune": ("preset", "epochs", "steps", "batch_size", "lr_grid", "replay", "lwf_weight", "scale_range",
+    "finetune": ("preset", "epochs", "steps", "batch_size", "lrs", "replay", "lwf_weight", "scale_range",
                  "clip_grad_norm", "encoder_lr_mult", "sampling", "l2sp_weight", "ema_decay"),
     "label_studio": ("url", "api_key_env", "document_root", "raters_per_task", "backend_url"),
     "oracle": ("enabled", "gt", "noise", "thresholds", "ignore", "seed"),
 }
+#: Old key names still read (deprecated; a one-line warning names the new one): section -> {old: new}.
+DEPRECATED_KEYS: dict[str, dict[str, str]] = {"finetune": {"lr_grid": "lrs"}}
 _REQUIRED_SECTIONS = ("experiment", "pool", "target", "competitors", "s0", "t0", "selection")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -208,12 +216,12 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class FinetuneSettings:
     """Fine-tuning settings after applying the preset (for ``ml_backend.finetune.FinetuneConfig``;
-    the key names are that class's field names, except ``lr_grid`` = ``lrs`` and ``replay``)."""
+    the names are that class's field names, plus ``preset`` and ``replay``: S(0) replayed)."""
 
     preset: str
     epochs: int
     batch_size: int
-    lr_grid: tuple[float, ...]
+    lrs: tuple[float, ...]
     replay: bool
     lwf_weight: float
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -227,7 +235,7 @@ class FinetuneSettings:
     def to_dict(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
-            "lr_grid": list(self.lr_grid), "replay": self.replay, "lwf_weight": self.lwf_weight,
+            "lrs": list(self.lrs), "replay": self.replay, "lwf_weight": self.lwf_weight,
             "scale_range": list(self.scale_range), "clip_grad_norm": self.clip_grad_norm,
             "encoder_lr_mult": self.encoder_lr_mult, "sampling": self.sampling,
             "l2sp_weight": self.l2sp_weight, "ema_decay": self.ema_decay,
@@ -239,7 +247,7 @@ class FinetuneSettings:
         lwf_weight = (self.lwf_weight or 1.0) if lwf else self.lwf_weight
         return replace(
             FT_PRESETS[self.preset], epochs=self.epochs, steps=self.steps, batch_size=self.batch_size,
-            lrs=tuple(self.lr_grid),
+            lrs=tuple(self.lrs),
             lwf_weight=lwf_weight, scale_range=tuple(self.scale_range), clip_grad_norm=self.clip_grad_norm,
             encoder_lr_mult=self.encoder_lr_mult, sampling=self.sampling, l2sp_weight=self.l2sp_weight,
             ema_decay=self.ema_decay, seed=seed,
@@ -384,7 +392,15 @@ class _Reader:
         self.check_keys(sec, name, f"[{name}]")
         return sec
 
-    def check_keys(self, sec: Mapping[str, Any], name: str, where: str) -> None:
+    def check_keys(self, sec: dict[str, Any], name: str, where: str) -> None:
+        """Unknown keys -> :class:`MadsegError`; a deprecated key (:data:`DEPRECATED_KEYS`) is
+        renamed in place with a one-line warning (both spellings at once -> error)."""
+        for old, new in DEPRECATED_KEYS.get(name, {}).items():
+            if old in sec:
+                if new in sec:
+                    raise self.fail(where, f"gives both {old} and {new}; keep {new} ({old} is its old name)")
+                log.warning("%s: %s %s is deprecated; rename it to %s", self.file.name, where, old, new)
+                sec[new] = sec.pop(old)
         unknown = sorted(set(sec) - set(_SECTIONS[name]))
         if unknown:
             raise MadsegError(
@@ -575,7 +591,11 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     if len(parts) != 2 or parts[0] not in _SECTIONS or parts[0] == "competitors":
         raise MadsegError(f"override {dotted!r}: expected SECTION.KEY with SECTION one of "
                           f"{', '.join(s for s in _SECTIONS if s != 'competitors')}")
-    raw.setdefault(parts[0], {})[parts[1]] = value
+    section = raw.setdefault(parts[0], {})
+    for old, new in DEPRECATED_KEYS.get(parts[0], {}).items():
+        if parts[1] == new:
+            section.pop(old, None)  # the override replaces the file's value under its old name too
+    section[parts[1]] = value
 
 
 def load_experiment(
@@ -701,15 +721,15 @@ def _parse(raw: dict[str, Any], path: Path, check_paths: bool) -> ExperimentConf
     w = "[finetune]"
     preset_name = r.choice(ft, w, "preset", "demo", tuple(FINETUNE_PRESETS))
     base = FINETUNE_PRESETS[preset_name]
-    lr_grid = ft.get("lr_grid", list(base["lr_grid"]))
-    if (not isinstance(lr_grid, list) or not lr_grid
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lr_grid)):
-        raise r.fail(w, f"lr_grid must be a non-empty list of positive learning rates, got {lr_grid!r}")
+    lrs = ft.get("lrs", list(base["lrs"]))
+    if (not isinstance(lrs, list) or not lrs
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lrs)):
+        raise r.fail(w, f"lrs must be a non-empty list of positive learning rates, got {lrs!r}")
     finetune = FinetuneSettings(
         preset=preset_name,
         epochs=r.int_(ft, w, "epochs", base["epochs"]),
         batch_size=r.int_(ft, w, "batch_size", base["batch_size"]),
-        lr_grid=tuple(float(v) for v in lr_grid),
+        lrs=tuple(float(v) for v in lrs),
         replay=r.bool_(ft, w, "replay", base["replay"]),
         lwf_weight=r.float_(ft, w, "lwf_weight", base["lwf_weight"]),
         scale_range=_scale_range(r, ft, w, base["scale_range"]),

@@ -283,7 +283,7 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     assert cfg.val_dir == (shared_dir() / "data" / "voc2012" / "val").resolve()
     assert cfg.val_subset == list(exp.t0.subset)
     ft = finetune_config(cfg.finetune_options)
-    assert ft.epochs == exp.finetune.epochs and ft.lrs == exp.finetune.lr_grid
+    assert ft.epochs == exp.finetune.epochs and ft.lrs == exp.finetune.lrs
     # explicit variables win over the experiment
     cfg2 = BackendConfig.from_env({**env, "MADSEG_FINETUNE_OPTIONS": '{"epochs": 1}'})
     assert finetune_config(cfg2.finetune_options).epochs == 1
@@ -332,6 +332,22 @@ def test_backend_finetune_config_starts_from_the_preset() -> None:
     assert finetune_config({}) == PRESETS["demo"]
     paper = finetune_config({"preset": "paper"})
     assert paper.epochs == PRESETS["paper"].epochs and paper.lrs == PRESETS["paper"].lrs
-    assert finetune_config({"preset": "paper", "lr_grid": [1e-5]}).lrs == (1e-5,)
+    assert finetune_config({"preset": "paper", "lrs": [1e-5]}).lrs == (1e-5,)
     with pytest.raises(MadsegError, match="unknown preset 'fast'"):
         finetune_config({"preset": "fast"})
+
+
+def test_backend_finetune_config_reads_old_lr_names_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """``lrs`` is FinetuneConfig's name (the experiment's too); ``lr_grid`` and ``lr`` still read."""
+    from ml_backend.jobs import finetune_config
+
+    with caplog.at_level("WARNING", logger="ml_backend.jobs"):
+        assert finetune_config({"preset": "paper", "lrs": [1e-5]}).lrs == (1e-5,)
+        assert not caplog.records
+        assert finetune_config({"preset": "paper", "lr_grid": [1e-5]}).lrs == (1e-5,)
+        assert finetune_config({"lr": 2e-5}).lrs == (2e-5,)
+    assert [("lr_grid" in r.getMessage(), "lr'" in r.getMessage()) for r in caplog.records] == [
+        (True, False), (False, True)]
+    assert all("deprecated" in r.getMessage() and "'lrs'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(MadsegError, match="both 'lr_grid' and 'lrs'"):
+        finetune_config({"lr_grid": [1e-5], "lrs": [1e-5]})

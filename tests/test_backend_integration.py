@@ -44,7 +44,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 AUTH = ("madseg-backend", "backend-pass-42")
 N_IMAGES = 3
 #: the cheapest real fine-tune: 1 epoch (2 steps of 2 images), one learning rate, small crops
-FINETUNE = {"epochs": 1, "lr": 1e-4, "num_workers": 0, "crop_size": [128, 128]}
+FINETUNE = {"epochs": 1, "lrs": [1e-4], "num_workers": 0, "crop_size": [128, 128]}
 
 
 def _checkpoint() -> Path:

@@ -102,10 +102,10 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
 def test_presets_overrides_and_explicit_keys(tmp_path: Path) -> None:
     p = _write(tmp_path, BASE + "\n[finetune]\nepochs = 3\n")
     cfg = load_experiment(p)
-    assert cfg.finetune.epochs == 3 and cfg.finetune.lr_grid == FINETUNE_PRESETS["demo"]["lr_grid"]
+    assert cfg.finetune.epochs == 3 and cfg.finetune.lrs == FINETUNE_PRESETS["demo"]["lrs"]
     paper = load_experiment(_write(tmp_path), preset="paper")
     pf = paper.finetune
-    assert (pf.epochs, pf.batch_size, pf.lr_grid) == (80, 2, (1e-5, 5e-5, 1e-4))
+    assert (pf.epochs, pf.batch_size, pf.lrs) == (80, 2, (1e-5, 5e-5, 1e-4))
     o = load_experiment(_write(tmp_path), overrides={"finetune.epochs": 1, "selection.n3": 7,
                                                      "oracle.noise": 0.0})
     assert (o.finetune.epochs, o.selection.n3, o.oracle.noise) == (1, 7, 0.0)
@@ -113,6 +113,27 @@ def test_presets_overrides_and_explicit_keys(tmp_path: Path) -> None:
         load_experiment(_write(tmp_path), overrides={"epochs": 1})
     with pytest.raises(MadsegError, match=r"\[finetune\] epochs must be a positive integer, got 0"):
         load_experiment(_write(tmp_path), overrides={"finetune.epochs": 0})
+
+
+def test_lrs_is_the_name_and_lr_grid_an_old_alias(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``[finetune] lrs`` is FinetuneConfig's name; the old ``lr_grid`` still reads, with one warning line."""
+    new = load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlrs = [2e-5, 4e-5]\n"))
+    assert new.finetune.lrs == (2e-5, 4e-5) and new.finetune.to_config().lrs == (2e-5, 4e-5)
+    assert new.finetune.to_dict()["lrs"] == [2e-5, 4e-5] and "lr_grid" not in new.finetune.to_dict()
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="projects.experiment"):
+        old = load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlr_grid = [2e-5, 4e-5]\n"))
+    assert old.finetune == new.finetune
+    (warn,) = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert "lr_grid" in warn.getMessage() and "lrs" in warn.getMessage() and "\n" not in warn.getMessage()
+    # an override of the new name replaces the old one from the file
+    o = load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlr_grid = [2e-5]\n"),
+                        overrides={"finetune.lrs": [7e-5]})
+    assert o.finetune.lrs == (7e-5,)
+    with pytest.raises(MadsegError, match=r"\[finetune\] gives both lr_grid and lrs"):
+        load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlr_grid = [1e-5]\nlrs = [1e-5]\n"))
+    with pytest.raises(MadsegError, match=r"\[finetune\] lrs must be a non-empty list"):
+        load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlr_grid = []\n"))
 
 
 def test_placeholders_and_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -465,7 +465,7 @@ def test_presets_are_one_source_and_cli_uses_them(tmp_path: Path, capsys) -> Non
     assert set(PRESETS) == {"demo", "paper"} == set(FINETUNE_PRESETS)
     for name, cfg in PRESETS.items():
         cfg.validate()
-        assert FINETUNE_PRESETS[name]["lr_grid"] == tuple(cfg.lrs)
+        assert FINETUNE_PRESETS[name]["lrs"] == tuple(cfg.lrs)
         assert FINETUNE_PRESETS[name]["epochs"] == cfg.epochs
         assert FINETUNE_PRESETS[name]["scale_range"] == tuple(cfg.scale_range)
     assert PRESETS["paper"].epochs == 80 and PRESETS["paper"].lrs == (1e-5, 5e-5, 1e-4)

@@ -74,7 +74,7 @@ baseline = "entropy"
 [finetune]
 preset = "demo"
 epochs = 1
-lr_grid = [1e-4]
+lrs = [1e-4]
 
 [label_studio]
 url = "{ls_url}"

@@ -61,7 +61,7 @@ test_size = 3
 
 [finetune]
 epochs = {epochs}
-lr_grid = [{lr}]
+lrs = [{lr}]
 """)
     return load_experiment(cfg)
 
@@ -132,7 +132,7 @@ def test_improving_version_is_promoted_over_a_worse_served_parent(
     model_dir = _runner(exp).model_dir
     assert read_pointer(model_dir).version == bad["version"]
 
-    gentle = replace(exp, finetune=replace(exp.finetune, lr_grid=(1e-9,), epochs=1))
+    gentle = replace(exp, finetune=replace(exp.finetune, lrs=(1e-9,), epochs=1))
     _labelled_round(gentle, voc2012_small, 2)
     runner = _runner(gentle)
     plan = runner.mad_plan(2)

@@ -698,7 +698,7 @@ def evaluate_experiment(
                            f"{exp.selection.min_count})", "rating order": exp.selection.order,
             "rating budget": exp.selection.rating_budget or "all of M", "distance": exp.selection.metric,
             "fine-tune preset": exp.finetune.preset, "epochs": exp.finetune.epochs,
-            "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lr_grid),
+            "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lrs),
             "S(0) replay": exp.finetune.replay,
             "raters": "simulated (oracle)" if simulated_raters else "people",
             "evaluation pass": (f"T({rounds + 1}) is drawn from M({rounds + 1}) after the last round to "
