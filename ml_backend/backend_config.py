@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MadsegError
+from .experiment_settings import SETTINGS_ENV, ExperimentSettings
 
 DEFAULT_QUEUE = "madseg-finetune"
 DEFAULT_MODEL_DIR = "runs/backend"
@@ -149,22 +150,20 @@ def _project_ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _experiment_settings(env: Mapping[str, str]) -> dict[str, Any]:
-    """The experiment's settings as data (:mod:`ml_backend.experiment_settings`), from the file named by
-    ``MADSEG_BACKEND_SETTINGS``; {} when there is none. The backend never reads the experiment TOML
-    itself: ``madseg backend`` / ``madseg worker`` (``projects.backend_settings``) write that file
-    from ``MADSEG_EXPERIMENT``."""
-    from .experiment_settings import SETTINGS_ENV, ExperimentSettings
-
+def _experiment_settings(env: Mapping[str, str]) -> ExperimentSettings:
+    """The experiment's settings as data (:mod:`ml_backend.experiment_settings`), read (and checked)
+    once from the file named by ``MADSEG_BACKEND_SETTINGS``; empty settings when there is none. The
+    backend never reads the experiment TOML itself: ``madseg backend`` / ``madseg worker``
+    (``projects.backend_settings``) write that file from ``MADSEG_EXPERIMENT``."""
     path = env.get(SETTINGS_ENV, "").strip()
     if path:
-        return ExperimentSettings.read(path).to_json()
+        return ExperimentSettings.read(path)
     if env.get("MADSEG_EXPERIMENT", "").strip():
         raise MadsegError(
             f"MADSEG_EXPERIMENT is read by `madseg backend` / `madseg worker`, which turn it into "
             f"{SETTINGS_ENV} (a JSON file); start the backend with one of them, or set {SETTINGS_ENV}"
         )
-    return {}
+    return ExperimentSettings.NONE
 
 
 @dataclass(frozen=True)
@@ -263,7 +262,7 @@ class BackendConfig:
         """Build the configuration from ``env`` (default ``os.environ``); bad values -> MadsegError."""
         env = os.environ if env is None else env
         exp = _experiment_settings(env)
-        exp_target = exp.get("target") or {}
+        exp_target = exp.target
 
         name = env.get("MADSEG_MODEL", "").strip() or exp_target.get("name")
         if not name:
@@ -281,20 +280,20 @@ class BackendConfig:
         if checkpoint and not Path(checkpoint).exists():
             raise MadsegError(f"MADSEG_CHECKPOINT={checkpoint}: file not found")
 
-        finetune = dict(exp.get("finetune") or {})
+        finetune = dict(exp.finetune)
         finetune.update(_json_object(env, "MADSEG_FINETUNE_OPTIONS"))
 
-        exp_replay = exp.get("replay") or {}
+        exp_replay = exp.replay or {}
         replay = env.get("MADSEG_REPLAY_DIR", "").strip() or exp_replay.get("root") or None
         subset = env.get("MADSEG_REPLAY_SUBSET", "").strip() or exp_replay.get("subset") or None
         if replay and not (Path(replay) / "images").is_dir():
             raise MadsegError(f"MADSEG_REPLAY_DIR={replay}: not a labelled folder (needs images/ and masks/)")
-        exp_val = exp.get("val") or {}
+        exp_val = exp.val or {}
         val = env.get("MADSEG_VAL_DIR", "").strip() or exp_val.get("root") or None
         val_subset = env.get("MADSEG_VAL_SUBSET", "").strip() or exp_val.get("subset") or None
         if val and not (Path(val) / "images").is_dir():
             raise MadsegError(f"MADSEG_VAL_DIR={val}: not a labelled folder (needs images/ and masks/)")
-        doc_root = env.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip() or exp.get("document_root")
+        doc_root = env.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip() or exp.document_root
 
         redis_url = env.get("REDIS_URL", "").strip() or None
         workers = _int(env, "MADSEG_BACKEND_WORKERS", 1)
@@ -313,7 +312,7 @@ class BackendConfig:
         for d in local_dirs_raw:
             if not Path(d).is_dir():
                 raise MadsegError(f"MADSEG_LOCAL_FILES_DIRS: {d} is not a folder")
-        local_dirs = local_dirs_raw or list(exp.get("pool_dirs") or [])
+        local_dirs = local_dirs_raw or list(exp.pool_dirs)
         user = env.get("BASIC_AUTH_USER", "") or None
         password = env.get("BASIC_AUTH_PASS", "") or None
         if bool(user) != bool(password):
@@ -347,9 +346,9 @@ class BackendConfig:
             basic_auth_user=user,
             basic_auth_pass=password,
             backend_token=token,
-            experiment_dir=Path(exp["dir"]).resolve() if exp.get("dir") else None,
+            experiment_dir=Path(exp.dir).resolve() if exp.dir else None,
             local_dirs=tuple(Path(d).resolve() for d in local_dirs),
-            ground_truth_dirs=tuple(Path(d).resolve() for d in exp.get("ground_truth") or ()),
+            ground_truth_dirs=tuple(Path(d).resolve() for d in exp.ground_truth),
             image_hosts=parse_host_rules(env.get("MADSEG_IMAGE_HOSTS", "")),
             max_body_bytes=_int(env, "MADSEG_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024),
             body_timeout_s=_float(env, "MADSEG_BODY_TIMEOUT", 30.0),

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .atomic import atomic_write_json
 from .errors import MadsegError
@@ -44,7 +44,11 @@ def _strings(obj: Any, key: str, source: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ExperimentSettings:
-    """What the backend and its fine-tune jobs take from an experiment (see the module docstring)."""
+    """What the backend and its fine-tune jobs take from an experiment (see the module docstring).
+    ``target`` is empty only in :attr:`NONE` (no experiment: the backend's variables say it all)."""
+
+    #: No experiment (set below).
+    NONE: ClassVar[ExperimentSettings]
 
     target: dict[str, Any]
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -109,3 +113,6 @@ class ExperimentSettings:
         path = Path(path)
         atomic_write_json(path, self.to_json())
         return path
+
+
+ExperimentSettings.NONE = ExperimentSettings(target={})

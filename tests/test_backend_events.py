@@ -289,6 +289,38 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     assert finetune_config(cfg2.finetune_options).epochs == 1
 
 
+def test_backend_reads_the_experiment_settings_once_as_data(tmp_path, monkeypatch) -> None:
+    """BackendConfig.from_env reads and checks the settings file once (ExperimentSettings) and takes
+    every experiment value from its fields: target, fine-tune settings, dir, pool and mask folders."""
+    from ml_backend.experiment_settings import ExperimentSettings
+
+    (tmp_path / "pool").mkdir()
+    s = ExperimentSettings(target={"name": "espnetv2", "checkpoint": None, "options": {"scale": 0.5}},
+                           finetune={"preset": "paper", "lrs": [2e-5]}, dir=str(tmp_path),
+                           pool_dirs=(str(tmp_path / "pool"),), ground_truth=(str(tmp_path / "gt"),))
+    s.write(tmp_path / "s.json")
+    calls = []
+    real = ExperimentSettings.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, obj: object, source: str = "backend settings") -> ExperimentSettings:
+        calls.append(source)
+        return real(cls, obj, source)
+
+    monkeypatch.setattr(ExperimentSettings, "from_json", classmethod(counting))
+    cfg = BackendConfig.from_env({"MADSEG_BACKEND_SETTINGS": str(tmp_path / "s.json"),
+                                  "MADSEG_MODEL_DIR": str(tmp_path / "m")})
+    assert len(calls) == 1
+    assert cfg.target == s.target and cfg.finetune_options == s.finetune
+    assert cfg.experiment_dir == tmp_path.resolve() and cfg.local_dirs == ((tmp_path / "pool").resolve(),)
+    assert cfg.ground_truth_dirs == ((tmp_path / "gt").resolve(),)
+    from ml_backend.jobs import finetune_config
+
+    assert finetune_config(cfg.finetune_options).lrs == (2e-5,)
+    # no settings file and no MADSEG_MODEL: nothing to serve
+    with pytest.raises(MadsegError, match="no target model configured"):
+        BackendConfig.from_env({"MADSEG_MODEL_DIR": str(tmp_path / "m")})
+
+
 def test_backend_does_not_read_the_experiment_toml_itself(tmp_path) -> None:
     """Without the settings file, MADSEG_EXPERIMENT alone is a clear error (the TOML is projects')."""
     toml = Path(__file__).resolve().parents[1] / "projects" / "templates" / "demo.toml"
