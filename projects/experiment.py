@@ -57,12 +57,15 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.finetune_config import PRESETS as FT_PRESETS
 from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig
+
+if TYPE_CHECKING:
+    from ml_backend.zoo import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +133,21 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def spec(self) -> dict[str, Any]:
-        """The ``{name, checkpoint, options}`` dict for ``ml_backend.zoo.load_model_spec``."""
+        """The ``{name, checkpoint, options}`` dict (:meth:`model_spec` as JSON)."""
         return {"name": self.name, "checkpoint": self.checkpoint, "options": dict(self.options)}
 
+    def model_spec(self) -> ModelSpec:
+        """The model as the zoo's one vocabulary, ``ml_backend.zoo.ModelSpec`` (what round plans and
+        evaluation carry; imports the zoo, hence torch)."""
+        from ml_backend.zoo import ModelSpec
+
+        return ModelSpec(name=self.name, checkpoint=self.checkpoint, options=dict(self.options))
+
     def load(self, device: str | None = None) -> Any:
-        """Build the model with the zoo (imports torch): ``load_model_spec(self.spec(), device)``."""
+        """Build the model with the zoo (imports torch): ``load_model_spec(self.model_spec(), device)``."""
         from ml_backend.zoo import load_model_spec
 
-        return load_model_spec(self.spec(), device=device)
+        return load_model_spec(self.model_spec(), device=device)
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, **self.spec()}

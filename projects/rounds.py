@@ -49,6 +49,7 @@ predictions but does not train on the oracle's annotations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -68,10 +69,26 @@ from sampler.candidates import Candidate, read_candidates
 from .experiment import ExperimentConfig
 from .layout import ExperimentLayout, RoundLayout, round_dir
 from .mos import choose_lowest as lowest_mos  # S(i): the n4 lowest MOS (one function, projects.mos)
+from .stage_results import (
+    ChooseOutput,
+    Effort,
+    FinetuneOutput,
+    GateVerdict,
+    MasksOutput,
+    PredictOutput,
+    ProjectsOutput,
+    PushOutput,
+    RatingsOutput,
+    ScoreOutput,
+    SelectOutput,
+    TrainedModel,
+    model_spec,
+)
 from .state import RoundState, served_round
 
 if TYPE_CHECKING:
     from ml_backend.labelstudio.export import ExportImagePolicy
+    from ml_backend.zoo import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +112,9 @@ class RoundPlan:
     ``kind``: ``"mad"`` (a normal round), ``"eval"`` (the evaluation pass: MAD candidates, T only),
     ``"entropy"`` (Appendix-A baseline: the top entropy images of ``target`` get the n4 labels) or
     ``"compare"`` (a MAD test set between ``target`` and ``competitors``; T only).
-    ``root``: folder holding ``round-<number>/``; ``target``/``competitors``: zoo specs by key;
+    ``root``: folder holding ``round-<number>/``; ``target``/``competitors``: the models, as
+    ``ml_backend.zoo.ModelSpec`` (competitors by key; a ``{name, checkpoint, options}`` dict given
+    here is read by ``ModelSpec.from_dict``);
     ``n4``: images for S (0 = none); ``test_size``: |T| (0 = none); ``finetune``: train f after;
     ``used``: image ids that may not go into T (used for fine-tuning anywhere);
     ``title``: the Label Studio project title prefix.
@@ -105,14 +124,19 @@ class RoundPlan:
     number: int
     root: Path
     target_key: str
-    target: Mapping[str, Any]
-    competitors: Mapping[str, Mapping[str, Any]]
+    target: ModelSpec
+    competitors: Mapping[str, ModelSpec]
     n4: int
     test_size: int
     finetune: bool
     title: str
     used: frozenset[str] = frozenset()
     lwf_variant: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _spec(self.target, "target"))
+        object.__setattr__(self, "competitors",
+                           {k: _spec(v, f"competitor {k}") for k, v in self.competitors.items()})
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -126,6 +150,13 @@ class RoundPlan:
     def files(self) -> RoundLayout:
         """The round folder's files (``projects.layout.RoundLayout``)."""
         return RoundLayout(self.dir)
+
+
+def _spec(value: Any, what: str) -> ModelSpec:
+    spec = model_spec(value)
+    if spec is None:
+        raise MadsegError(f"round plan: the {what} needs a model spec with a name, got {value!r}")
+    return spec
 
 
 def top_by_score(scores: Mapping[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:
@@ -208,14 +239,14 @@ class RoundRunner:
         f(i), else the last promoted round before it (0 = the configured target f(0))."""
         return served_round(self.exp_dir, i)
 
-    def finetuned_spec(self, i: int) -> dict[str, Any]:
+    def finetuned_spec(self, i: int) -> ModelSpec:
         """The zoo spec of round i's fine-tuned f(i), promoted or not (f(0) for i = 0)."""
         if i == 0:
-            return self.exp.target.spec()
+            return self.exp.target.model_spec()
         self.served_round(i)  # raises when round i has not finished fine-tuning
-        return dict(RoundState.load(self.exp_dir, i).outputs("finetune")["spec"])
+        return _finetuned(RoundState.load(self.exp_dir, i), f"round {i}")
 
-    def target_spec(self, i: int) -> dict[str, Any]:
+    def target_spec(self, i: int) -> ModelSpec:
         """The zoo spec of the model served after round i (round i+1's target): f(i) when the gate
         promoted it, else its parent's."""
         return self.finetuned_spec(self.served_round(i))
@@ -224,8 +255,8 @@ class RoundRunner:
         """The name of the model served after round i, e.g. ``f(1)``, or ``f(0)`` when f(1) was rejected."""
         return f"f({self.served_round(i)})"
 
-    def competitor_specs(self) -> dict[str, dict[str, Any]]:
-        return {c.key: c.spec() for c in self.exp.competitors}
+    def competitor_specs(self) -> dict[str, ModelSpec]:
+        return {c.key: c.model_spec() for c in self.exp.competitors}
 
     def used_ids(self, upto: int) -> set[str]:
         """Image ids in S(1..upto) (from the finished ``choose`` stages)."""
@@ -233,7 +264,7 @@ class RoundRunner:
         for j in range(1, upto + 1):
             st = RoundState.load(self.exp_dir, j)
             if st.done("choose"):
-                used.update(st.outputs("choose")["S"])
+                used.update(st.read(ChooseOutput).S)
         return used
 
     def mad_plan(self, i: int, *, final_eval: bool = False) -> RoundPlan:
@@ -262,10 +293,10 @@ class RoundRunner:
         ent = RoundState.load(self.layout.entropy_root, 1)
         if not ent.done("finetune"):
             raise MadsegError("the entropy baseline has not been fine-tuned yet; run it first")
-        used = self.used_ids(1) | set(ent.outputs("choose")["S"])
+        used = self.used_ids(1) | set(ent.read(ChooseOutput).S)
         return RoundPlan(
             kind="compare", number=1, root=self.layout.compare_root, target_key="f_MAD(1)",
-            target=self.finetuned_spec(1), competitors={"f_entropy": dict(ent.outputs("finetune")["spec"])},
+            target=self.finetuned_spec(1), competitors={"f_entropy": _finetuned(ent, "the entropy baseline")},
             n4=0, test_size=self.exp.selection.test_size, finetune=False,
             title=f"{self.exp.name} MAD vs entropy test", used=frozenset(used),
         )
@@ -283,8 +314,7 @@ class RoundRunner:
                 log.info("%s %d: %s ...", plan.kind, plan.number, stage)
                 st.begin(stage)
                 t0 = time.monotonic()
-                outputs = getattr(self, f"_stage_{stage}")(plan, st)
-                st.mark(stage, **outputs)
+                st.mark(stage, getattr(self, f"_stage_{stage}")(plan, st))
                 log.info("%s %d: %s done in %.1f s", plan.kind, plan.number, stage, time.monotonic() - t0)
                 if crash_point(stage, plan):
                     log.warning("%s=%s: killing this process (test hook)", CRASH_ENV, stage)
@@ -294,37 +324,37 @@ class RoundRunner:
         return st
 
     # -- stages ----------------------------------------------------------------------------------
-    def _stage_score(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_score(self, plan: RoundPlan, st: RoundState) -> ScoreOutput:
         return self.services.score(plan)
 
-    def _stage_select(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        scored = st.outputs("score")
+    def _stage_select(self, plan: RoundPlan, st: RoundState) -> SelectOutput:
+        scored = st.read(ScoreOutput)
         if plan.kind == "entropy":
             return self.services.select_entropy(plan, scored, n=_entropy_pool_size(plan.n4))
         return self.services.select_mad(plan, scored)
 
-    def _stage_predict(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_predict(self, plan: RoundPlan, st: RoundState) -> PredictOutput:
         cands = read_candidates(plan.files.candidates)
         return self.services.predict_candidates(plan, cands, plan.files.pred)
 
-    def _stage_projects(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_projects(self, plan: RoundPlan, st: RoundState) -> ProjectsOutput:
         return self.services.ensure_projects(plan)
 
-    def _stage_push_rating(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_push_rating(self, plan: RoundPlan, st: RoundState) -> PushOutput:
         cands = read_candidates(plan.files.candidates)
-        pid = int(st.outputs("projects")["rating"])
+        pid = _project_id(st, "rating")
         return self.services.push_rating(plan, pid, cands, plan.files.pred)
 
-    def _stage_ratings(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_ratings(self, plan: RoundPlan, st: RoundState) -> RatingsOutput:
         cands = read_candidates(plan.files.candidates)
-        pid = int(st.outputs("projects")["rating"])
+        pid = _project_id(st, "rating")
         ratings = self.services.wait_ratings(plan, pid, cands, plan.files.pred, oracle=self.use_oracle)
         atomic_write_json(plan.files.ratings, ratings)
-        return {"ratings": plan.files.ratings.name, "n_rated": len(ratings["mos"]),
-                "n_ood": sum(1 for v in ratings["ood"].values() if v),
-                "effort": self.services.effort(pid, simulated=self.use_oracle)}
+        return RatingsOutput(ratings=plan.files.ratings.name, n_rated=len(ratings["mos"]),
+                             n_ood=sum(1 for v in ratings["ood"].values() if v),
+                             effort=self.services.effort(pid, simulated=self.use_oracle))
 
-    def _stage_choose(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_choose(self, plan: RoundPlan, st: RoundState) -> ChooseOutput:
         ratings = json.loads(plan.files.ratings.read_text())
         cands = read_candidates(plan.files.candidates)
         mos = {k: (float("inf") if v is None else float(v)) for k, v in ratings["mos"].items()}
@@ -340,53 +370,56 @@ class RoundRunner:
             t_info = self.services.choose_test(plan, cands, ood=ood, used=set(plan.used) | set(s_ids))
         out = {"S": s_ids, "T": list(t_info["ids"]), "ood": ood, "test": t_info}
         atomic_write_json(plan.files.selection, out)
-        return {"S": s_ids, "T": list(t_info["ids"]), "n_ood": len(ood)}
+        return ChooseOutput(S=tuple(s_ids), T=tuple(t_info["ids"]), n_ood=len(ood))
 
-    def _stage_push_segmentation(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        ch = st.outputs("choose")
+    def _stage_push_segmentation(self, plan: RoundPlan, st: RoundState) -> PushOutput:
+        ch = st.read(ChooseOutput)
         cands = {c.id: c for c in read_candidates(plan.files.candidates)}
-        ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
-        pid = int(st.outputs("projects")["segmentation"])
-        version = st.outputs("score")["target_version"]
+        ids = list(dict.fromkeys([*ch.S, *ch.T]))
+        pid = _project_id(st, "segmentation")
+        version = st.read(ScoreOutput).target_version
         return self.services.push_segmentation(plan, pid, [cands[k] for k in ids], plan.files.pred,
                                                f"{plan.target_key} {version}")
 
-    def _stage_masks(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
-        ch = st.outputs("choose")
+    def _stage_masks(self, plan: RoundPlan, st: RoundState) -> MasksOutput:
+        ch = st.read(ChooseOutput)
         cands = {c.id: c for c in read_candidates(plan.files.candidates)}
-        ids = list(dict.fromkeys([*ch["S"], *ch["T"]]))
-        pid = int(st.outputs("projects")["segmentation"])
+        ids = list(dict.fromkeys([*ch.S, *ch.T]))
+        pid = _project_id(st, "segmentation")
         exported = self.services.wait_masks(plan, pid, [cands[k] for k in ids], plan.files.labels,
                                             oracle=self.use_oracle)
         # exported: image id -> file stem in labels/
-        stems = {"S": [exported[k] for k in ch["S"] if k in exported],
-                 "T": [exported[k] for k in ch["T"] if k in exported]}
+        stems = {"S": [exported[k] for k in ch.S if k in exported],
+                 "T": [exported[k] for k in ch.T if k in exported]}
         missing = [k for k in ids if k not in exported]
         if missing:
             raise MadsegError(f"segmentation project {pid}: no finished mask for {len(missing)} image(s) "
                               f"(e.g. {missing[:3]}); finish them in Label Studio and re-run")
         atomic_write_json(plan.files.sets, stems)
-        return {"labels": plan.files.labels.name, "S_stems": stems["S"], "T_stems": stems["T"],
-                "effort": self.services.effort(pid, simulated=self.use_oracle)}
+        effort = self.services.effort(pid, simulated=self.use_oracle)
+        return MasksOutput(labels=plan.files.labels.name, S_stems=tuple(stems["S"]),
+                           T_stems=tuple(stems["T"]), effort=effort)
 
-    def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> dict[str, Any]:
+    def _stage_finetune(self, plan: RoundPlan, st: RoundState) -> FinetuneOutput:
         train_dir = plan.files.train
         n_train = self._build_train_folder(plan, train_dir)
         if n_train == 0:
             raise MadsegError(f"{plan.kind} round {plan.number}: no image to fine-tune on (every candidate "
                               "was rated out of domain or no mask was exported); check the rating project or "
                               "enlarge the pool / n3, then re-run")
-        out = self.services.finetune(plan, train_dir, plan.files.finetune, lwf=False)
+        model = self.services.finetune(plan, train_dir, plan.files.finetune, lwf=False)
+        out = FinetuneOutput.of(model)
         if plan.kind == "mad":
             train_stems = {p.stem for p in (train_dir / "masks").glob("*.png")}
-            gate = self.services.gate(plan, out["spec"], train_stems)
-            out.update(gate=gate, promoted=bool(gate["promoted"]))
+            gate = self.services.gate(plan, model.spec, train_stems)
+            out = dataclasses.replace(out, gate=gate, promoted=bool(gate.promoted))
             self.services.publish(plan, out, n_train=n_train)
             log.info("round %d: f(%d) %s by the promotion gate: %s", plan.number, plan.number,
-                     gate["status"], "; ".join(gate["reasons"]))
+                     gate.status, "; ".join(gate.reasons))
         if plan.lwf_variant:
-            out["lwf"] = self.services.finetune(plan, train_dir, plan.files.finetune_lwf, lwf=True)
-        return {**out, "n_train": n_train}
+            out = dataclasses.replace(
+                out, lwf=self.services.finetune(plan, train_dir, plan.files.finetune_lwf, lwf=True))
+        return dataclasses.replace(out, n_train=n_train)
 
     def _build_train_folder(self, plan: RoundPlan, train_dir: Path) -> int:
         """S(1..i) as one labelled folder of hard links (copies across file systems)."""
@@ -412,6 +445,24 @@ class RoundRunner:
         return len(sources)
 
 
+def _project_id(st: RoundState, which: str) -> int:
+    """The id of the round's ``which`` ("rating" / "segmentation") Label Studio project."""
+    pid = getattr(st.read(ProjectsOutput), which)
+    if pid is None:
+        raise MadsegError(f"{st.path}: the projects stage recorded no {which} project; fix or delete "
+                          "the state file (deleting re-runs the round)")
+    return int(pid)
+
+
+def _finetuned(st: RoundState, what: str) -> ModelSpec:
+    """The spec of the model ``st``'s fine-tune stage trained."""
+    spec = st.read(FinetuneOutput).spec
+    if spec is None:
+        raise MadsegError(f"{st.path}: {what}'s fine-tune stage recorded no model spec; fix or delete "
+                          "the file")
+    return spec
+
+
 def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -427,8 +478,9 @@ def _entropy_pool_size(n4: int) -> int:
 
 def _plan_json(plan: RoundPlan) -> dict[str, Any]:
     return {
-        "kind": plan.kind, "number": plan.number, "target_key": plan.target_key, "target": dict(plan.target),
-        "competitors": {k: dict(v) for k, v in plan.competitors.items()}, "n4": plan.n4,
+        "kind": plan.kind, "number": plan.number, "target_key": plan.target_key,
+        "target": plan.target.to_dict(), "competitors": {k: v.to_dict() for k, v in plan.competitors.items()},
+        "n4": plan.n4,
         "test_size": plan.test_size, "finetune": plan.finetune, "title": plan.title,
         "used": sorted(plan.used), "lwf_variant": plan.lwf_variant,
     }
@@ -466,20 +518,21 @@ class Services:
         self._s0_fractions: Any = None
 
     # -- scoring and selection -------------------------------------------------------------------
-    def score(self, plan: RoundPlan) -> dict[str, Any]:
+    def score(self, plan: RoundPlan) -> ScoreOutput:
         """Score the pool with ``plan.target`` and the competitors (cached in the store)."""
         from sampler.score import score_pool
 
         sources = [*map(str, self.exp.pool.folders), *map(str, self.exp.pool.lists)]
         stats = score_pool(
-            sources, dict(plan.target), [dict(c) for c in plan.competitors.values()], self.store_dir,
+            sources, plan.target.to_dict(), [c.to_dict() for c in plan.competitors.values()], self.store_dir,
             resolution=self.exp.selection.working_size, device=self.options.device,
             progress=self.options.progress, workers=min(2, os.cpu_count() or 1),
         )
-        return {"target_version": stats.target_version,
-                "competitor_versions": dict(zip(plan.competitors, stats.competitor_versions, strict=True)),
-                "n_images": int(stats.images), "bad": int(stats.bad), "duplicates": int(stats.duplicates),
-                "inferred": dict(stats.inferred)}
+        return ScoreOutput(
+            target_version=stats.target_version,
+            competitor_versions=dict(zip(plan.competitors, stats.competitor_versions, strict=True)),
+            n_images=int(stats.images), bad=int(stats.bad), duplicates=int(stats.duplicates),
+            inferred=dict(stats.inferred))
 
     def s0_fractions(self) -> Any:
         """(M, C) class area fractions of the S(0) masks (for the size bounds), read once."""
@@ -490,14 +543,14 @@ class Services:
                                                      self.exp.num_classes)
         return self._s0_fractions
 
-    def _selection_inputs(self, scored: Mapping[str, Any]) -> Any:
+    def _selection_inputs(self, scored: ScoreOutput) -> Any:
         """The sampler's selection arrays for the round's target and competitors (by version)."""
         from sampler.candidates import load_selection_inputs
 
-        return load_selection_inputs(self.store_dir, scored["target_version"],
-                                     list(scored["competitor_versions"].values()), self.exp.selection.metric)
+        return load_selection_inputs(self.store_dir, scored.target_version,
+                                     list(scored.competitor_versions.values()), self.exp.selection.metric)
 
-    def select_mad(self, plan: RoundPlan, scored: Mapping[str, Any]) -> dict[str, Any]:
+    def select_mad(self, plan: RoundPlan, scored: ScoreOutput) -> SelectOutput:
         """M = MAD candidates of ``plan.target`` vs the competitors (minus ``plan.used``) ->
         candidates.jsonl, by the sampler's entry point (the same file ``madseg select`` writes)."""
         from sampler.candidates import mad_candidates, write_candidates
@@ -506,11 +559,11 @@ class Services:
         sel = mad_candidates(self.store_dir, self._selection_inputs(scored), n3=se.n3, bounds=se.bounds,
                              s0_fractions=self.s0_fractions(), bounds_method=se.bounds_method,
                              min_count=se.min_count, order=se.order, budget=se.rating_budget,
-                             exclude=plan.used, competitor_names=list(scored["competitor_versions"]))
+                             exclude=plan.used, competitor_names=list(scored.competitor_versions))
         write_candidates(plan.files.candidates, sel.candidates)
-        return {"candidates": plan.files.candidates.name, **sel.info()}
+        return SelectOutput.from_dict({"candidates": plan.files.candidates.name, **sel.info()})
 
-    def select_entropy(self, plan: RoundPlan, scored: Mapping[str, Any], n: int) -> dict[str, Any]:
+    def select_entropy(self, plan: RoundPlan, scored: ScoreOutput, n: int) -> SelectOutput:
         """The ``n`` images with the largest mean entropy of ``plan.target`` (minus ``plan.used``)
         -> candidates.jsonl."""
         from sampler.candidates import entropy_candidates, write_candidates
@@ -518,8 +571,8 @@ class Services:
         inp = self._selection_inputs(scored).without(plan.used)
         cands = entropy_candidates(self.store_dir, n, inputs=inp)
         write_candidates(plan.files.candidates, cands)
-        return {"candidates": plan.files.candidates.name, "n_candidates": len(cands),
-                "pool_size": int(inp.ids.size)}
+        return SelectOutput(candidates=plan.files.candidates.name, n_candidates=len(cands),
+                            pool_size=int(inp.ids.size))
 
     def choose_test(self, plan: RoundPlan, cands: Sequence[Candidate], *, ood: Sequence[str],
                     used: set[str]) -> dict[str, Any]:
@@ -538,7 +591,7 @@ class Services:
 
     # -- predictions of the round's target on the candidates -------------------------------------
     def predict_candidates(self, plan: RoundPlan, cands: Sequence[Candidate],
-                           out: Path) -> dict[str, Any]:
+                           out: Path) -> PredictOutput:
         """f's label map of each candidate at its original size -> ``out/<id>.png`` (skips done)."""
         from tqdm import tqdm
 
@@ -547,7 +600,7 @@ class Services:
 
         todo = [c for c in cands if not (out / f"{c.id}.png").exists()]
         if todo:
-            model = load_model_spec(dict(plan.target), device=self.options.device)
+            model = load_model_spec(plan.target, device=self.options.device)
             bs = 4
             for start in tqdm(range(0, len(todo), bs), desc=f"predict {plan.target_key}", unit="batch",
                               disable=not self.options.progress):
@@ -555,7 +608,7 @@ class Services:
                 preds = model.predict([read_rgb(c.path) for c in chunk], batch_size=bs)
                 for c, p in zip(chunk, preds, strict=True):
                     write_mask(out / f"{c.id}.png", p)
-        return {"predictions": plan.files.pred.name, "n": len(cands), "computed": len(todo)}
+        return PredictOutput(predictions=plan.files.pred.name, n=len(cands), computed=len(todo))
 
     # -- Label Studio ----------------------------------------------------------------------------
     def client(self) -> Any:
@@ -572,7 +625,7 @@ class Services:
         suffix = {"mad": "", "eval": "", "entropy": " entropy", "compare": " mad-vs-entropy"}[plan.kind]
         return f"{self.exp.name}{suffix}"
 
-    def ensure_projects(self, plan: RoundPlan) -> dict[str, Any]:
+    def ensure_projects(self, plan: RoundPlan) -> ProjectsOutput:
         """The round's rating + segmentation projects (found again by title, so a crash between
         creating them and recording them creates nothing twice); the ML backend is connected to the
         segmentation project when a backend URL is configured."""
@@ -585,23 +638,23 @@ class Services:
         pids = create_round_projects(client, self._title_name(plan), plan.number,
                                      classes=list(self.exp.classes), raters_per_task=ls.raters_per_task,
                                      document_root=self.exp.document_root())
-        out: dict[str, Any] = pids.to_dict()
+        backend: int | None = None
         url = self.options.backend_url or ls.backend_url
         if url:
             try:
-                out["ml_backend"] = int(connect_ml_backend(client, pids.segmentation, url))
+                backend = int(connect_ml_backend(client, pids.segmentation, url))
             except MadsegError as exc:  # the loop works without it (no interactive pre-fill)
                 log.warning("ML backend %s not connected to project %d: %s", url, pids.segmentation, exc)
-        return out
+        return ProjectsOutput(rating=pids.rating, segmentation=pids.segmentation, ml_backend=backend)
 
     def push_rating(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
-                    pred_dir: Path) -> dict[str, Any]:
+                    pred_dir: Path) -> PushOutput:
         from .rating import push_rating_tasks
 
         res = push_rating_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                 overlay_dir=plan.files.overlays, document_root=self.exp.document_root(),
                                 num_classes=self.exp.num_classes, progress=self.options.progress)
-        return res.to_dict()
+        return PushOutput.from_dict(res.to_dict())
 
     def _oracle_images(self, cands: Sequence[Candidate], pred_dir: Path) -> dict[str, Any]:
         from ml_backend.imageio import read_mask
@@ -661,20 +714,20 @@ class Services:
                 "mos": {k: (None if v == float("inf") else v) for k, v in mos.items()},
                 "ood": {k: v == float("inf") for k, v in mos.items()}}
 
-    def effort(self, pid: int, *, simulated: bool) -> dict[str, Any]:
+    def effort(self, pid: int, *, simulated: bool) -> Effort:
         """:func:`annotation_effort` of Label Studio project ``pid`` (one export request)."""
         from ml_backend.labelstudio.export import export_tasks
 
-        return annotation_effort(export_tasks(self.client(), pid), simulated=simulated)
+        return Effort.from_dict(annotation_effort(export_tasks(self.client(), pid), simulated=simulated))
 
     def push_segmentation(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate],
-                          pred_dir: Path, model_version: str) -> dict[str, Any]:
+                          pred_dir: Path, model_version: str) -> PushOutput:
         from .segmentation import push_segmentation_tasks
 
         res = push_segmentation_tasks(self.client(), pid, [c.to_dict() for c in cands], predictions=pred_dir,
                                       model_version=model_version, classes=list(self.exp.classes),
                                       document_root=self.exp.document_root(), progress=self.options.progress)
-        return res.to_dict()
+        return PushOutput.from_dict(res.to_dict())
 
     def wait_masks(self, plan: RoundPlan, pid: int, cands: Sequence[Candidate], out: Path, *,
                    oracle: bool) -> dict[str, str]:
@@ -708,7 +761,7 @@ class Services:
                                              s.ground_truth)
 
     # -- fine-tuning -----------------------------------------------------------------------------
-    def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> dict[str, Any]:
+    def finetune(self, plan: RoundPlan, train_dir: Path, out_dir: Path, *, lwf: bool) -> TrainedModel:
         """Fine-tune the experiment's f(0) on ``train_dir`` (S(1..i)); LR chosen on T(0) (by
         ground-truth-class mIoU) when the settings give several.
 
@@ -723,7 +776,7 @@ class Services:
         from ml_backend.zoo import load_model_spec
 
         ft = self.exp.finetune
-        model = load_model_spec(self.exp.target.spec(), device=self.options.device)
+        model = load_model_spec(self.exp.target.model_spec(), device=self.options.device)
         # the preset's whole recipe (ml_backend.finetune PRESETS) with the [finetune] keys applied
         cfg = ft.to_config(seed=self.exp.seed, lwf=lwf)
         unlabelled = None
@@ -738,18 +791,18 @@ class Services:
         val = self.exp.t0.open() if len(cfg.lrs) > 1 else None
         res = finetune(model, LabelledFolder(train_dir), out_dir, replay=replay, val=val,
                        unlabelled=unlabelled, config=cfg, progress=self.options.progress)
-        return {"spec": res.spec.to_dict(), "version": str(res.version), "lr": float(res.lr),
-                "val_miou": None if res.val_miou is None else float(res.val_miou),
-                "checkpoint": str(res.checkpoint)}
+        return TrainedModel(spec=res.spec, version=str(res.version), lr=float(res.lr),
+                            val_miou=None if res.val_miou is None else float(res.val_miou),
+                            checkpoint=str(res.checkpoint))
 
-    def gate(self, plan: RoundPlan, child_spec: Mapping[str, Any], train_stems: set[str]) -> dict[str, Any]:
+    def gate(self, plan: RoundPlan, child_spec: ModelSpec, train_stems: set[str]) -> GateVerdict:
         """The promotion gate (``ml_backend.gate.decide``) of round ``plan.number``'s f(i) against its
         parent ``plan.target``: on T(0) and on the failure test sets T(1..i) (labelled, drawn from
         the MAD candidates) minus every image in ``train_stems`` (file stems of the training set).
 
         Per-image confusions come from ``projects.evaluation.evaluate.evaluate_models`` with the report's
-        cache (``<exp_dir>/eval``, same set names), so Table 1 reuses them. Returns the decision's
-        JSON plus ``failure_sets`` (names and sizes used) and ``excluded_training_images``.
+        cache (``<exp_dir>/eval``, same set names), so Table 1 reuses them. Returns the decision
+        with the parent, ``failure_sets`` (names and sizes used) and ``excluded_training_images``.
         """
         import numpy as np
 
@@ -761,12 +814,12 @@ class Services:
         sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0)]
         for j in range(1, plan.number + 1):
             st = RoundState.load(plan.root, j)
-            stems = st.outputs("masks").get("T_stems") if st.done("masks") else None
+            stems = list(st.read(MasksOutput).T_stems) if st.done("masks") else None
             if stems:
                 pairs = labelled_pairs(RoundLayout(round_dir(plan.root, j)).labels, stems)
                 sets.append(TestSet(f"T({j})", tuple(pairs), j))
-        parent, child = ModelEntry("parent", dict(plan.target)), ModelEntry("child", dict(child_spec))
-        anchor = ModelEntry("anchor", exp.target.spec())  # f(0): bounds the forgetting over all rounds
+        parent, child = ModelEntry("parent", plan.target), ModelEntry("child", child_spec)
+        anchor = ModelEntry("anchor", exp.target.model_spec())  # f(0): bounds the forgetting over all rounds
         ev = evaluate_models([parent, child, anchor], sets, exp.num_classes,
                              ExperimentLayout.of(exp.dir).eval_cache, device=self.options.device)
         fz_p, fz_c, used, excluded = [], [], [], 0
@@ -785,19 +838,22 @@ class Services:
                           np.concatenate(fz_c) if fz_c else np.zeros((0, c, c), np.int64),
                           crit, t0_anchor=ev.confusions[("anchor", "T(0)")], anchor_name="f(0)",
                           failures_name=name)
-        return {**decision.to_json(), "parent": plan.target_key, "parent_spec": dict(plan.target),
-                "failure_sets": used, "excluded_training_images": excluded}
+        return GateVerdict.of(decision, parent=plan.target_key, parent_spec=plan.target, failure_sets=used,
+                              excluded=excluded)
 
-    def publish(self, plan: RoundPlan, out: Mapping[str, Any], *, n_train: int) -> None:
+    def publish(self, plan: RoundPlan, out: FinetuneOutput, *, n_train: int) -> None:
         """Record f(i) in the ML backend's model dir (``versions/round-<i>/``, with the gate's
         decision); only a promoted f(i) becomes the current version (atomic pointer). A rejected one
         is kept and listed, and the pointer stays on the parent."""
         from ml_backend.versions import new_record, record_version, write_pointer
 
-        spec = out["spec"]
+        spec = out.spec
+        if spec is None or out.version is None:
+            raise MadsegError(f"{plan.kind} round {plan.number}: the fine-tune gave no model to publish")
         record = new_record(
-            version=out["version"], name=spec["name"], checkpoint=spec["checkpoint"], options=spec["options"],
-            job_id=f"round-{plan.number}", projects=(), n_train=n_train, gate=out.get("gate"))
+            version=out.version, name=spec.name, checkpoint=spec.checkpoint, options=spec.options,
+            job_id=f"round-{plan.number}", projects=(), n_train=n_train,
+            gate=None if out.gate is None else out.gate.to_dict())
         if record.status == "promoted":
             write_pointer(self.model_dir, record)
         else:

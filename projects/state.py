@@ -11,7 +11,9 @@ Layout inside an experiment dir::
 resumes from there; :meth:`RoundState.reset` forgets stages to re-run them.
 
 Stage names are chosen by the orchestrator (letters, digits, ``_``, ``-``, ``.``); outputs are any
-JSON values (``Path`` objects are stored as strings).
+JSON values (``Path`` objects are stored as strings). The round stages record typed outputs
+(``projects.stage_results``: one frozen dataclass per stage, stored as its ``to_dict()``), and
+:meth:`RoundState.read` gives them back typed, e.g. ``st.read(MasksOutput).T_stems``.
 
 :func:`experiment_lock` keeps two processes from driving the same experiment at once.
 """
@@ -23,9 +25,9 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
@@ -33,6 +35,9 @@ from ml_backend.jsonsafe import jsonable
 from ml_backend.round_dirs import round_number, round_state_files
 
 from .layout import STATE_FILE, round_dir
+from .stage_results import FinetuneOutput, StageOutput
+
+Out = TypeVar("Out", bound=StageOutput)
 
 STATE_VERSION = 1
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -58,7 +63,7 @@ def served_round(exp_dir: str | os.PathLike[str], i: int) -> int:
         if not st.done("finetune"):
             raise MadsegError(f"round {i} has not finished fine-tuning f({i}); "
                               f"run `madseg round --round {i}` first")
-        if st.outputs("finetune").get("promoted", True):  # state files from before the gate
+        if st.read(FinetuneOutput).is_promoted:  # state files from before the gate: promoted
             return i
         i -= 1
     return 0
@@ -117,6 +122,11 @@ class RoundState:
                               "run the round to finish it")
         return dict(self.stages[stage].get("outputs", {}))
 
+    def read(self, kind: type[Out], stage: str | None = None) -> Out:
+        """The typed output of ``stage`` (default: the first stage ``kind`` belongs to, e.g.
+        ``st.read(FinetuneOutput)``); :class:`MadsegError` if the stage is not done."""
+        return kind.from_dict(self.outputs(stage or kind.STAGES[0]))
+
     def done_stages(self) -> list[str]:
         return [name for name, rec in self.stages.items() if rec.get("status") == "done"]
 
@@ -131,10 +141,13 @@ class RoundState:
         rec.pop("outputs", None)
         self.save()
 
-    def mark(self, stage: str, **outputs: Any) -> None:
-        """Record that ``stage`` is done with these JSON-able ``outputs``; saved atomically at once."""
+    def mark(self, stage: str, result: StageOutput | Mapping[str, Any] | None = None, /,
+             **outputs: Any) -> None:
+        """Record that ``stage`` is done with its typed ``result`` (stored as ``result.to_dict()``)
+        and/or these JSON-able ``outputs``; saved atomically at once."""
         _check_stage(stage)
-        payload = jsonable(outputs)
+        base = result.to_dict() if isinstance(result, StageOutput) else dict(result or {})
+        payload = jsonable({**base, **outputs})
         try:
             json.dumps(payload)
         except (TypeError, ValueError) as exc:

@@ -116,10 +116,10 @@ def test_forced_regression_is_rejected_and_the_round_goes_on_with_the_parent(
     assert listed["current"] is None
     assert listed["details"][0]["status"] == "rejected" and listed["details"][0]["reason"] == rec.reason
     # the next round's target is the parent
-    assert runner.target_key(1) == "f(0)" and runner.target_spec(1) == exp.target.spec()
+    assert runner.target_key(1) == "f(0)" and runner.target_spec(1).to_dict() == exp.target.spec()
     plan2 = runner.mad_plan(2)
-    assert plan2.target_key == "f(0)" and dict(plan2.target) == exp.target.spec()
-    assert runner.finetuned_spec(1) == out["spec"]
+    assert plan2.target_key == "f(0)" and plan2.target.to_dict() == exp.target.spec()
+    assert runner.finetuned_spec(1).to_dict() == out["spec"]
 
 
 def test_improving_version_is_promoted_over_a_worse_served_parent(

@@ -142,7 +142,7 @@ def test_mad_plan_requires_previous_finetune(tmp_path: Path) -> None:
     exp = load_experiment(TEMPLATE, overrides={"experiment.dir": str(tmp_path / "e")})
     runner = RoundRunner(exp, RunOptions(progress=False))
     plan = runner.mad_plan(1)
-    assert plan.target == exp.target.spec() and plan.target_key == "f(0)" and plan.finetune
+    assert plan.target.to_dict() == exp.target.spec() and plan.target_key == "f(0)" and plan.finetune
     assert set(plan.competitors) == {c.key for c in exp.competitors}
     with pytest.raises(MadsegError, match="has not finished fine-tuning f\\(1\\)"):
         runner.mad_plan(2)

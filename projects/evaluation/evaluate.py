@@ -49,6 +49,8 @@ from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
 from ..layout import ExperimentLayout, RoundLayout, round_dir
 
 if TYPE_CHECKING:
+    from ml_backend.zoo import ModelSpec
+
     from ..experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -80,19 +82,29 @@ class TestSet:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model to evaluate: ``key`` (row name), zoo ``spec`` ({name, checkpoint, options}),
-    ``role`` ("target", "competitor", "baseline", "variant") and ``round`` (f(round); None for
-    competitors)."""
+    """A model to evaluate: ``key`` (row name), zoo ``spec`` (an ``ml_backend.zoo.ModelSpec``, or its
+    ``{name, checkpoint, options}`` dict), ``role`` ("target", "competitor", "baseline", "variant")
+    and ``round`` (f(round); None for competitors)."""
 
     key: str
-    spec: Mapping[str, Any]
+    spec: ModelSpec | Mapping[str, Any]
     role: str = "target"
     round: int | None = None
     label: str = ""
 
+    @property
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec as ``{name, checkpoint, options}``."""
+        return _spec_dict(self.spec)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "spec": dict(self.spec), "role": self.role, "round": self.round,
+        return {"key": self.key, "spec": self.spec_dict, "role": self.role, "round": self.round,
                 "label": self.label or self.key}
+
+
+def _spec_dict(spec: ModelSpec | Mapping[str, Any]) -> dict[str, Any]:
+    to_dict = getattr(spec, "to_dict", None)
+    return to_dict() if callable(to_dict) else dict(spec)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -155,11 +167,11 @@ def confusions_for(
     return out
 
 
-def _spec_key(spec: Mapping[str, Any]) -> str:
+def _spec_key(spec: ModelSpec | Mapping[str, Any]) -> str:
     """The key of ``versions.json`` (spec -> model version): the spec plus the size and mtime of its
     checkpoint file, so a checkpoint rewritten in place (a fine-tune redone into the same folder)
     is loaded again instead of being taken for the old version."""
-    d = dict(spec)
+    d = _spec_dict(spec)
     ckpt = d.get("checkpoint")
     if isinstance(ckpt, str) and os.path.isfile(ckpt):
         st = os.stat(ckpt)
@@ -211,7 +223,7 @@ def evaluate_models(
         from ml_backend.zoo import load_model_spec
 
         def loader(spec: Mapping[str, Any]) -> Any:
-            return load_model_spec(dict(spec), device=device)
+            return load_model_spec(_spec_dict(spec), device=device)
 
     ev = Evaluation(models=list(models), sets=list(sets))
     keys = [m.key for m in models]
@@ -236,7 +248,7 @@ def evaluate_models(
                 cm = _load_cached(cache / _cache_name(version, ts.name), ts.stems, num_classes)
             if cm is None:
                 if model is None:
-                    model = loader(entry.spec)
+                    model = loader(entry.spec_dict)
                     version = str(model.version)
                     known[spec_key] = version
                     from ml_backend.atomic import atomic_write_json
@@ -367,6 +379,7 @@ def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
     """The promotion gate's verdict on each fine-tuned f(i) of rounds 1..``rounds`` (from the round
     state): ``{"f(i)": {"status", "reasons", "parent", "metrics"}}``; "not gated" for a state
     written before the gate existed."""
+    from ..stage_results import FinetuneOutput, GateVerdict
     from ..state import RoundState
 
     out: dict[str, dict[str, Any]] = {}
@@ -374,15 +387,16 @@ def gate_verdicts(exp_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
         st = RoundState.load(exp_dir, i)
         if not st.done("finetune"):
             break
-        g = st.outputs("finetune").get("gate") or {}
-        out[f"f({i})"] = {"status": g.get("status", "not gated"), "reasons": list(g.get("reasons") or []),
-                          "parent": g.get("parent"), "metrics": g.get("metrics") or {}}
+        g = st.read(FinetuneOutput).gate or GateVerdict()
+        out[f"f({i})"] = {"status": g.status or "not gated", "reasons": list(g.reasons),
+                          "parent": g.parent, "metrics": dict(g.metrics)}
     return out
 
 
 def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
     """Human effort of the experiment's rounds from their state: ratings and masks (finished
     annotations, annotators, summed ``lead_time``) per round and in total."""
+    from ..stage_results import Effort, MasksOutput, RatingsOutput
     from ..state import RoundState
 
     per_round = []
@@ -391,26 +405,25 @@ def experiment_effort(exp_dir: Path, rounds: Sequence[int]) -> dict[str, Any]:
     for i in rounds:
         st = RoundState.load(exp_dir, i)
         row: dict[str, Any] = {"round": i}
-        for stage, what in (("ratings", "ratings"), ("masks", "masks")):
-            if not st.done(stage):
+        for what in ("ratings", "masks"):
+            if not st.done(what):
                 continue
-            out = st.outputs(stage)
-            eff = out.get("effort")
-            if eff is None:  # state from before effort was recorded: counts only
-                if stage == "ratings":
+            if what == "ratings":
+                eff = st.read(RatingsOutput).effort
+                if eff is None:  # state from before effort was recorded: counts only
                     try:
                         raw = json.loads(RoundLayout(round_dir(exp_dir, i)).ratings.read_text())["raw"] or []
                     except (OSError, ValueError, KeyError, TypeError):
                         raw = []
-                    eff = {"annotations": len(raw), "lead_time_s": None}
-                else:
-                    eff = {"annotations": len(out.get("S_stems") or []) + len(out.get("T_stems") or []),
-                           "lead_time_s": None}
-            row[what] = eff.get("annotations", 0)
-            row[f"{what} lead time (s)"] = eff.get("lead_time_s")
-            simulated |= bool(eff.get("simulated"))
-            total[what] += int(eff.get("annotations") or 0)
-            total["lead_time_s"] += float(eff.get("lead_time_s") or 0.0)
+                    eff = Effort(annotations=len(raw))
+            else:
+                masks = st.read(MasksOutput)
+                eff = masks.effort or Effort(annotations=len(masks.S_stems) + len(masks.T_stems))
+            row[what] = eff.annotations or 0
+            row[f"{what} lead time (s)"] = eff.lead_time_s
+            simulated |= bool(eff.simulated)
+            total[what] += int(eff.annotations or 0)
+            total["lead_time_s"] += float(eff.lead_time_s or 0.0)
         per_round.append(row)
     return {"rounds": per_round, "total": total, "simulated": simulated}
 
@@ -456,16 +469,10 @@ def labelled_pairs(
 # ==============================================================================================
 
 
-def _round_info(plan_root: Path, number: int) -> dict[str, Any] | None:
-    from ..state import RoundState
-
-    st = RoundState.load(plan_root, number)
-    return st if st.done("choose") else None
-
-
 def experiment_test_sets(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int, *,
                          final_eval: bool) -> list[TestSet]:
     """T(0) and T(1..rounds[+1]) that exist (labels exported), in order."""
+    from ..stage_results import MasksOutput
     from ..state import RoundState
 
     sets = [TestSet("T(0)", tuple(exp.t0.open().pairs), 0, "fixed test set (voc_samples half)")]
@@ -474,7 +481,7 @@ def experiment_test_sets(exp: ExperimentConfig, layout: ExperimentLayout, rounds
         st = RoundState.load(layout.root, i)
         if not st.done("masks"):
             continue
-        stems = st.outputs("masks")["T_stems"]
+        stems = list(st.read(MasksOutput).T_stems)
         against = _plan_target_key(layout.round(i)) or f"f({i - 1})"
         note = f"drawn from M({i}) (target {against})"
         if i == rounds + 1:
@@ -483,10 +490,11 @@ def experiment_test_sets(exp: ExperimentConfig, layout: ExperimentLayout, rounds
             sets.append(TestSet(f"T({i})", tuple(labelled_pairs(layout.round(i).labels, stems)), i,
                                 note, against))
     cmp_st = RoundState.load(layout.compare_root, 1)
-    if cmp_st.done("masks") and cmp_st.outputs("masks")["T_stems"]:
-        sets.append(TestSet("T(MAD vs entropy)", tuple(labelled_pairs(
-            layout.compare_round().labels, cmp_st.outputs("masks")["T_stems"])), 0,
-            "MAD test set drawn between f_MAD(1) and f_entropy"))
+    cmp_stems = list(cmp_st.read(MasksOutput).T_stems) if cmp_st.done("masks") else []
+    if cmp_stems:
+        pairs = tuple(labelled_pairs(layout.compare_round().labels, cmp_stems))
+        sets.append(TestSet("T(MAD vs entropy)", pairs, 0,
+                            "MAD test set drawn between f_MAD(1) and f_entropy"))
     return sets
 
 
@@ -505,24 +513,32 @@ def _plan_target_key(rd: RoundLayout) -> str:
 
 def experiment_models(exp: ExperimentConfig, layout: ExperimentLayout, rounds: int) -> list[ModelEntry]:
     """f(0..rounds), the competitors, and (when present) the LwF variant and f_entropy."""
+    from ..stage_results import FinetuneOutput
     from ..state import RoundState
 
-    out = [ModelEntry("f(0)", exp.target.spec(), "target", 0, f"f(0) = {exp.target.key}")]
+    def spec(st: RoundState, model: Any, what: str) -> ModelSpec:
+        if model.spec is None:
+            raise MadsegError(f"{st.path}: the fine-tune stage recorded no model spec for {what}; fix or "
+                              "delete the state file")
+        return model.spec
+
+    out = [ModelEntry("f(0)", exp.target.model_spec(), "target", 0, f"f(0) = {exp.target.key}")]
     for i in range(1, rounds + 1):
         st = RoundState.load(layout.root, i)
         if not st.done("finetune"):
             break
-        ft = st.outputs("finetune")
-        out.append(ModelEntry(f"f({i})", ft["spec"], "target", i, f"f({i}) fine-tuned, S(0) replay"))
-        if i == 1 and ft.get("lwf"):
-            out.append(ModelEntry("f(1) LwF", ft["lwf"]["spec"], "variant", 1,
+        ft = st.read(FinetuneOutput)
+        out.append(ModelEntry(f"f({i})", spec(st, ft, f"f({i})"), "target", i,
+                              f"f({i}) fine-tuned, S(0) replay"))
+        if i == 1 and ft.lwf is not None:
+            out.append(ModelEntry("f(1) LwF", spec(st, ft.lwf, "f(1) LwF"), "variant", 1,
                                   "f(1) fine-tuned with LwF, no replay"))
     ent = RoundState.load(layout.entropy_root, 1)
     if ent.done("finetune"):
-        out.append(ModelEntry("f_entropy", ent.outputs("finetune")["spec"], "baseline", 1,
+        out.append(ModelEntry("f_entropy", spec(ent, ent.read(FinetuneOutput), "f_entropy"), "baseline", 1,
                               "fine-tuned on the top-entropy images (same budget)"))
     for c in exp.competitors:
-        out.append(ModelEntry(c.key, c.spec(), "competitor", None, c.key))
+        out.append(ModelEntry(c.key, c.model_spec(), "competitor", None, c.key))
     return out
 
 
@@ -543,7 +559,7 @@ def _write_store_maps(store_dir: Path, version: str, ids: Sequence[str], out: Pa
     return res
 
 
-def _predict_to(model_spec: Mapping[str, Any], pairs: Sequence[tuple[Path, Path]], out: Path,
+def _predict_to(model_spec: ModelSpec | Mapping[str, Any], pairs: Sequence[tuple[Path, Path]], out: Path,
                 device: str | None) -> list[Path]:
     from ml_backend.imageio import read_rgb, write_mask
 
@@ -552,7 +568,7 @@ def _predict_to(model_spec: Mapping[str, Any], pairs: Sequence[tuple[Path, Path]
     if todo:
         from ml_backend.zoo import load_model_spec
 
-        model = load_model_spec(dict(model_spec), device=device)
+        model = load_model_spec(_spec_dict(model_spec), device=device)
         for img, p in todo:
             write_mask(p, model.predict([read_rgb(img)])[0])
     return paths
@@ -562,6 +578,7 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
                device: str | None, n: int = 8) -> dict[str, Any]:
     from sampler.candidates import read_candidates
 
+    from ..stage_results import ChooseOutput, ScoreOutput
     from ..state import RoundState
 
     out: dict[str, Any] = {"candidates": [], "lowest_rated": [], "before_after": []}
@@ -569,10 +586,10 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
     rd = layout.round(1)
     if st1.done("predict"):
         cands = read_candidates(rd.candidates)[:n]
-        score = st1.outputs("score")
+        score = st1.read(ScoreOutput)
         comp_maps = {key: _write_store_maps(layout.store, v, [c.id for c in cands],
                                             layout.report_assets / key)
-                     for key, v in score["competitor_versions"].items()}
+                     for key, v in score.competitor_versions.items()}
         for c in cands:
             sel = c.selections[0].to_dict() if c.selections else {}
             panels = [{"title": "photo", "mask": None},
@@ -585,7 +602,7 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
     if st1.done("choose"):
         ratings = json.loads(rd.ratings.read_text())
         cands = {c.id: c for c in read_candidates(rd.candidates)}
-        for iid in st1.outputs("choose")["S"][:n]:
+        for iid in st1.read(ChooseOutput).S[:n]:
             mos = ratings["mos"].get(iid)
             out["lowest_rated"].append({
                 "image": cands[iid].path, "image_id": iid, "caption": f"MOS {mos:.2f}" if mos else "",
@@ -620,6 +637,7 @@ def evaluate_experiment(
     from ml_backend.gate import GateCriteria
     from sampler.candidates import read_candidates
 
+    from ..stage_results import ChooseOutput, FinetuneOutput, RatingsOutput, SelectOutput
     from ..state import RoundState, served_round
     from .report import count_failures, stage_times
 
@@ -642,34 +660,34 @@ def evaluate_experiment(
                 row["kind"] = plan["kind"]
                 row["target"] = plan["target_key"]
             if st.done("select"):
-                so = st.outputs("select")
-                row["|M|"] = so.get("n_candidates")
-                row["pool"] = so.get("pool_size")
-                rule = so.get("bounds_rule")
+                so = st.read(SelectOutput)
+                row["|M|"] = so.n_candidates
+                row["pool"] = so.pool_size
+                rule = so.bounds_rule
                 if rule:  # where each class's size bounds came from (sampler.bounds.class_bounds)
                     row["size bounds (S(0)/pool/none)"] = (
                         f"{rule['counts'].get('s0', 0) + rule['counts'].get('s0_pooled', 0)}/"
                         f"{rule['counts'].get('pool', 0)}/{rule['counts'].get('none', 0)}")
-                if so.get("rating_budget"):
-                    row["rated of M"] = f"{so.get('n_candidates')} of {so.get('m_size')}"
+                if so.rating_budget:
+                    row["rated of M"] = f"{so.n_candidates} of {so.m_size}"
                 if label == "round":
                     cands = read_candidates(rl.candidates)
                     for c in cands:
                         image_classes.setdefault(c.id, sorted({s.cls for s in c.selections}))
                     groups[f"M({i})"] = [c.id for c in cands]
             if st.done("ratings"):
-                row["OOD"] = st.outputs("ratings").get("n_ood")
+                row["OOD"] = st.read(RatingsOutput).n_ood
             if st.done("choose"):
-                ch = st.outputs("choose")
-                row["|S|"], row["|T|"] = len(ch["S"]), len(ch["T"])
-                if label == "round" and ch["S"]:
-                    groups[f"S({i})"] = list(ch["S"])
+                ch = st.read(ChooseOutput)
+                row["|S|"], row["|T|"] = len(ch.S), len(ch.T)
+                if label == "round" and ch.S:
+                    groups[f"S({i})"] = list(ch.S)
             if st.done("finetune"):
-                ft = st.outputs("finetune")
-                row["LR"] = ft.get("lr")
-                row["T(0) mIoU at LR choice"] = ft.get("val_miou")
+                ft = st.read(FinetuneOutput)
+                row["LR"] = ft.lr
+                row["T(0) mIoU at LR choice"] = ft.val_miou
                 if label == "round":
-                    row["gate"] = (ft.get("gate") or {}).get("status", "not gated")
+                    row["gate"] = (ft.gate.status if ft.gate else None) or "not gated"
             row["stages done"] = len(st.done_stages())
             round_rows.append(row)
             i += 1
@@ -719,7 +737,7 @@ def evaluate_experiment(
             rows.append({"method": method, "model": key,
                          "values": {c: float(ev.miou(key, c)) for c in cols if (key, c) in ev.confusions}})
         ent = RoundState.load(layout.entropy_root, 1)
-        n_ent = len(ent.outputs("choose")["S"]) if ent.done("choose") else None
+        n_ent = len(ent.read(ChooseOutput).S) if ent.done("choose") else None
         results["baseline"] = {
             "test_set": "T(MAD vs entropy): MAD candidates between f_MAD(1) and f_entropy, test-set rules",
             "budget": exp.selection.n4, "columns": cols, "rows": rows,
