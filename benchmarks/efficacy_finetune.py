@@ -70,7 +70,9 @@ DEFAULT_TARGET = ("espnetv2", "models/espnetv2/espnetv2_s_1.0_pascal_256x256.pth
 DEFAULT_COMPETITORS = ("espnetv2:models/espnetv2/espnetv2_s_2.0_pascal_256x256.pth,"
                        "tflite:models/tflite/deeplabv3_mnv2_dm05_voc.tflite")
 
-_BASE: dict[str, Any] = {"lrs": (1e-4,), "scale_range": (0.75, 1.25)}
+#: Every method but "default" pins the sampling, so that a change of the FinetuneConfig default
+#: does not change what an old method name means.
+_BASE: dict[str, Any] = {"lrs": (1e-4,), "scale_range": (0.75, 1.25), "sampling": "uniform"}
 _LR3E5: dict[str, Any] = {**_BASE, "lrs": (3e-5,)}
 #: The methods the dev split compares: FinetuneConfig overrides ("pseudo": add the competitors'
 #: agreement labels on the rated-but-unlabelled training-half images; "lwf": distil f(0) on those
