@@ -55,14 +55,14 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.finetune_config import PRESETS as FT_PRESETS
-from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig
+from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig, preset_config
 
 if TYPE_CHECKING:
     from ml_backend.zoo import ModelSpec
@@ -226,7 +226,9 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class FinetuneSettings:
     """Fine-tuning settings after applying the preset (for ``ml_backend.finetune.FinetuneConfig``;
-    the names are that class's field names, plus ``preset`` and ``replay``: S(0) replayed)."""
+    the names are that class's field names, plus ``preset`` and ``replay``: S(0) replayed;
+    :meth:`to_config` passes them to ``ml_backend.finetune_config.preset_config``, the one builder the
+    backend's fine-tune jobs use too, so a name that is not a ``FinetuneConfig`` field fails)."""
 
     preset: str
     epochs: int
@@ -254,14 +256,12 @@ class FinetuneSettings:
     def to_config(self, *, seed: int = 0, lwf: bool = False) -> FinetuneConfig:
         """The :class:`FinetuneConfig` of these settings (``lwf``: the LwF variant, weight
         ``lwf_weight`` or 1.0; otherwise ``lwf_weight`` as set)."""
-        lwf_weight = (self.lwf_weight or 1.0) if lwf else self.lwf_weight
-        return replace(
-            FT_PRESETS[self.preset], epochs=self.epochs, steps=self.steps, batch_size=self.batch_size,
-            lrs=tuple(self.lrs),
-            lwf_weight=lwf_weight, scale_range=tuple(self.scale_range), clip_grad_norm=self.clip_grad_norm,
-            encoder_lr_mult=self.encoder_lr_mult, sampling=self.sampling, l2sp_weight=self.l2sp_weight,
-            ema_decay=self.ema_decay, seed=seed,
-        )
+        fields = self.to_dict()  # FinetuneConfig's field names, plus preset and replay
+        preset = fields.pop("preset")
+        fields.pop("replay")
+        fields.update(lrs=tuple(self.lrs), scale_range=tuple(self.scale_range), seed=seed,
+                      lwf_weight=(self.lwf_weight or 1.0) if lwf else self.lwf_weight)
+        return preset_config(preset, **fields)
 
 
 @dataclass(frozen=True)

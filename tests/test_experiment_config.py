@@ -136,6 +136,28 @@ def test_lrs_is_the_name_and_lr_grid_an_old_alias(tmp_path: Path, caplog: pytest
         load_experiment(_write(tmp_path, BASE + "\n[finetune]\nlr_grid = []\n"))
 
 
+def test_the_experiment_and_the_backend_build_the_same_finetune_config(tmp_path: Path) -> None:
+    """One vocabulary: the experiment's [finetune] names are FinetuneConfig's, so the rounds
+    (FinetuneSettings.to_config) and the backend's jobs (settings file -> jobs.finetune_config) build
+    the same config from them."""
+    import dataclasses
+
+    from ml_backend.finetune_config import FinetuneConfig
+    from ml_backend.jobs import finetune_config
+    from projects.backend_settings import backend_settings
+
+    text = BASE + "\n[finetune]\npreset = \"paper\"\nlrs = [2e-5]\nsteps = 7\nencoder_lr_mult = 0.5\n"
+    exp = load_experiment(_write(tmp_path, text))
+    names = set(exp.finetune.to_dict()) - {"preset", "replay"}
+    assert names <= {f.name for f in dataclasses.fields(FinetuneConfig)}
+    rounds = exp.finetune.to_config(seed=0)
+    assert (rounds.lrs, rounds.steps, rounds.encoder_lr_mult, rounds.epochs) == ((2e-5,), 7, 0.5, 80)
+    assert finetune_config(backend_settings(exp).finetune) == rounds
+    # the LwF variant and the seed are the rounds' own additions
+    assert exp.finetune.to_config(seed=3, lwf=True).lwf_weight == 1.0
+    assert exp.finetune.to_config(seed=3).seed == 3
+
+
 def test_placeholders_and_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _layout(tmp_path)
     shared = tmp_path / "shared_here"
