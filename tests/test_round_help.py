@@ -160,3 +160,22 @@ def test_evaluation_cache_notices_a_checkpoint_rewritten_in_place(tmp_path: Path
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     again = evaluate_models(models, sets, C, tmp_path / "cache", loader=loader)
     assert len(loads) == 2 and again.versions["f(1)"] == "const0" and again.miou("f(1)", "T(0)") == 0.0
+
+
+def test_before_after_gallery_shows_the_served_model_and_marks_a_rejected_one() -> None:
+    from projects.evaluation.evaluate import before_after_columns
+
+    f = [ModelEntry(f"f({i})", {}, "target", i) for i in range(3)]
+    # f(1) promoted, f(2) rejected: after = f(1); f(2) shown marked as rejected
+    cols = before_after_columns(f, served=1)
+    assert [(t, m.key) for t, m, _ in cols] == [
+        ("before: f(0)", "f(0)"), ("after: f(1) (served)", "f(1)"),
+        ("f(2): rejected by the gate, not served", "f(2)")]
+    # the last one promoted: before/after only (positive control)
+    assert [m.key for _, m, _ in before_after_columns(f, served=2)] == ["f(0)", "f(2)"]
+    assert all("rejected" not in t for t, _, _ in before_after_columns(f, served=2))
+    # nothing promoted: f(0) is what is served; the rejected f(2) never appears as "after"
+    cols = before_after_columns(f, served=0)
+    assert [m.key for _, m, _ in cols] == ["f(0)", "f(2)"]
+    assert not any(t.startswith("after") for t, _, _ in cols)
+    assert len({folder for _, _, folder in cols}) == len(cols)

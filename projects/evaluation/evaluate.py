@@ -579,7 +579,7 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
     from sampler.candidates import read_candidates
 
     from ..stage_results import ChooseOutput, ScoreOutput
-    from ..state import RoundState
+    from ..state import RoundState, served_round
 
     out: dict[str, Any] = {"candidates": [], "lowest_rated": [], "before_after": []}
     st1 = RoundState.load(layout.root, 1)
@@ -613,16 +613,37 @@ def _galleries(layout: ExperimentLayout, models: list[ModelEntry], sets: list[Te
     if len(targets) >= 2 and t_sets:
         ts = t_sets[-1]
         pairs = list(ts.pairs)[:n]
-        first, last = targets[0], targets[-1]
-        pa = _predict_to(first.spec, pairs, layout.report_assets / "before" / ts.name.strip("()T"), device)
-        pb = _predict_to(last.spec, pairs, layout.report_assets / "after" / ts.name.strip("()T"), device)
-        for (img, mask), a, b in zip(pairs, pa, pb, strict=True):
+        tag = ts.name.strip("()T")
+        cols = before_after_columns(targets, served_round(layout.root, targets[-1].round or 0))
+        preds = [_predict_to(m.spec, pairs, layout.report_assets / folder / tag, device)
+                 for _, m, folder in cols]
+        for k, (img, mask) in enumerate(pairs):
             out["before_after"].append({
                 "image": str(img), "image_id": Path(img).stem, "caption": f"{ts.name}",
-                "panels": [{"title": "ground truth", "mask": str(mask)},
-                           {"title": f"before: {first.key}", "mask": str(a)},
-                           {"title": f"after: {last.key}", "mask": str(b)}]})
+                "panels": [{"title": "ground truth", "mask": str(mask)}]
+                + [{"title": title, "mask": str(p[k])}
+                   for (title, _, _), p in zip(cols, preds, strict=True)]})
     return out
+
+
+def before_after_columns(targets: Sequence[ModelEntry], served: int) -> list[tuple[str, ModelEntry, str]]:
+    """The prediction columns of the before/after gallery as (title, model, asset folder).
+
+    ``targets`` are f(0), f(1), ... in round order; ``served`` is the round whose model is served
+    at the end (:func:`projects.state.served_round`; 0 = f(0), nothing promoted). "before" is f(0);
+    "after" is the served model, so the gallery never shows a rejected version as the result; when
+    the last fine-tuned version was rejected by the promotion gate, it is shown as well, marked so.
+    """
+    first, last = targets[0], targets[-1]
+    by_round = {m.round: m for m in targets}
+    after = by_round.get(served, first)
+    if after is first:
+        cols = [(f"{first.key}: served (no fine-tuned version passed the gate)", first, "before")]
+    else:
+        cols = [(f"before: {first.key}", first, "before"), (f"after: {after.key} (served)", after, "after")]
+    if last is not after:
+        cols.append((f"{last.key}: rejected by the gate, not served", last, "rejected"))
+    return cols
 
 
 def evaluate_experiment(

@@ -92,7 +92,9 @@ GALLERY_TITLES: dict[str, tuple[str, str]] = {
     ),
     "before_after": (
         "Before and after fine-tuning",
-        "Test images: ground truth and the target's predictions before and after fine-tuning.",
+        "Test images: ground truth, the target's predictions before fine-tuning (f(0)) and those of "
+        "the model served at the end; a fine-tuned version the promotion gate rejected is shown "
+        "marked as such, never as the result.",
     ),
 }
 SECTION_IDS = ("summary", "table1", "help", "failures", "baseline", "srcc", "galleries", "stages")
