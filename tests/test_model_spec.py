@@ -1,8 +1,11 @@
 """One vocabulary for model specs: ModelSpec from a command-line string (ModelSpec.parse), from a
-TOML table (ml_backend.zoo.model_spec_from_table) and from a dict (ModelSpec.from_dict) agree."""
+TOML table (ml_backend.zoo.model_spec_from_table) and from a dict (ModelSpec.from_dict) agree; the
+class lives torch-free in ml_backend.modelspec (re-exported by ml_backend.zoo)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,31 @@ def test_bad_cli_strings_are_one_line_errors(text: str, message: str) -> None:
     with pytest.raises(ModelError, match=message) as info:
         ModelSpec.parse(text)
     assert isinstance(info.value, MadsegError) and "\n" not in str(info.value)
+
+
+def test_the_spec_module_imports_no_torch() -> None:
+    """Torch-free modules (the experiment schema, round plans, the backend's settings, the sampler's
+    CLI) carry specs: importing ``ml_backend.modelspec`` must not load torch or the zoo."""
+    code = ("import sys, ml_backend.modelspec; "
+            "bad = [m for m in ('torch', 'ml_backend.zoo') if m in sys.modules]; "
+            "assert not bad, bad")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    # positive control: the zoo does load torch, so the check can see it
+    zoo = "import sys, ml_backend.zoo; assert 'torch' in sys.modules"
+    control = subprocess.run([sys.executable, "-c", zoo], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert control.returncode == 0, control.stderr
+
+
+def test_one_class_everywhere_and_of() -> None:
+    from ml_backend import modelspec
+    from ml_backend.zoo import base
+
+    assert modelspec.ModelSpec is ModelSpec is base.ModelSpec
+    spec = ModelSpec("espnetv2", None, {"scale": 0.5})
+    assert ModelSpec.of(spec) is spec
+    assert ModelSpec.of({"name": "espnetv2", "checkpoint": None, "options": {"scale": 0.5}}) == spec
+    with pytest.raises(ModelError, match="needs a 'name'"):
+        ModelSpec.of({"checkpoint": "x.pth"})

@@ -6,10 +6,10 @@
 takes ``class_map=`` to predict in another class list. See docs/architecture.md.
 """
 
+from ..modelspec import ModelSpec  # torch-free; re-exported as the zoo's vocabulary
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ModelSpec,
     Preprocessor,
     SegmentationModel,
     TorchSegmentationModel,

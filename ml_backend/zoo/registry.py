@@ -116,8 +116,7 @@ def load_model_spec(
     spec: ModelSpec | Mapping[str, Any], device: str | torch.device | None = None
 ) -> SegmentationModel:
     """Load the model a :class:`ModelSpec` (or a dict ``{name, checkpoint, options}``) describes."""
-    if not isinstance(spec, ModelSpec):
-        spec = ModelSpec.from_dict(spec)
+    spec = ModelSpec.of(spec)
     return load_model(spec.name, spec.checkpoint, device=device, **dict(spec.options))
 
 
