@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/efficacy_finetune.py [--pool IMAGES --gt MASKS] [--json OUT]
         [--n4 10,20,40,80] [--seeds 0,1,2] [--choosers failures,entropy] [--method default]
-        [--dev]  (compare the methods on the dev split instead; chooses the default)
+        [--dev [--dev-seeds 0,1,2]]  (compare the methods on the dev split instead; chooses the default)
 
 Also reached as ``benchmarks/efficacy.py --part finetune`` (:func:`add_arguments`, :func:`run`).
 
@@ -21,7 +21,8 @@ training image:
 - ``t0``: a fixed subset of T(0) (default: the first 100 sorted stems of voc2012/val), with the
   standard mIoU and the ground-truth-class mIoU (``ml_backend.metrics.gt_class_miou``).
 
-``--dev`` fine-tunes each method of :data:`METHODS` on seed 0's failures (n4 = 40) and measures
+``--dev`` fine-tunes each method of :data:`METHODS` on the failures (n4 = 40) of each dev seed
+(``--dev-seeds``, default 0,1,2; each seed built exactly as seed 0 always was) and measures
 them on a DEV split only, inside the training half. The rest of the training half (the 60 images
 not trained on) is split deterministically (:func:`dev_split`: sorted by f(0) GT mIoU, each
 consecutive pair split by a seeded coin) into a **pseudo reservoir** (the only images that method
@@ -40,6 +41,15 @@ qualifying methods the largest dev_failure_zone gain wins (a method within 0.001
 method is better than the default on all three dev sets (then the best of those by failure-zone
 gain). A winner that needs the competitors' predictions in the round (pseudo-labels) is reported
 but does not become the ``FinetuneConfig`` default (it is not a config-only change).
+
+**Repeated dev seeds (fixed before the seed-1/2 dev cells were run, after the one-seed choice of
+balanced sampling was not confirmed on the test seeds).** The rule above is applied to the MEAN over
+the dev seeds of each method's dev gains (:func:`choose_dev`; only methods with a cell for every dev
+seed take part). A method other than the reference replaces it only if, in addition, its mean
+failure-zone gain exceeds the reference's by more than the tie margin 0.001 AND by more than the
+standard error of the paired difference, ``std(d_s, ddof=1) / sqrt(n)`` with ``d_s`` = method minus
+reference failure-zone gain on dev seed s (n >= 2 seeds needed; with one seed no replacement). Otherwise
+the reference (uniform sampling, ``all_lr3e-5``) stays.
 
 Everything is written incrementally to ``--json`` (a rerun resumes: finished cells are skipped).
 """
@@ -148,7 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="training crop side (inference stays at the model's input size; the scale range "
                         "is relative to that size)")
     g.add_argument("--test-size", type=int, default=30, help="failure-zone test-set size")
-    g.add_argument("--dev", action="store_true", help="compare METHODS on the dev split (n4 = 40, seed 0)")
+    g.add_argument("--dev", action="store_true",
+                   help="compare METHODS on the dev split (n4 = 40, --dev-seeds)")
+    g.add_argument("--dev-seeds", default="0,1,2",
+                   help="dev seeds for --dev (each: its own split, failures and dev sets; default 0,1,2)")
     g.add_argument("--dev-methods", default=",".join(DEV_METHODS_ROUND2),
                    help="methods for --dev (default: the second round, the current default first)")
     g.add_argument("--procs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
@@ -210,36 +223,74 @@ def dev_split(rest: np.ndarray, miou: np.ndarray, seed: int) -> tuple[np.ndarray
     return np.array(sorted(reservoir), dtype=np.int64), np.array(sorted(evaluation), dtype=np.int64)
 
 
-def choose_dev(summary_rows: dict[str, Any], reference: str = "all_lr3e-5") -> dict[str, Any]:
-    """Apply the dev choice rule (module docstring) to the dev summary rows (``summary()`` keys
-    ``METHOD/n4=40/failures``); returns the rule's inputs and the chosen method."""
-    gains: dict[str, dict[str, float]] = {}
-    for g, row in summary_rows.items():
-        if "dev_random.miou.delta" not in row:
+#: Two failure-zone gains closer than this are a tie (the reference stays).
+DEV_TIE_MARGIN = 0.001
+
+
+def choose_dev(cells: dict[str, Any], seeds: list[int] | None = None,
+               reference: str = "all_lr3e-5") -> dict[str, Any]:
+    """Apply the dev choice rule (module docstring) to the dev cells (``run()``'s ``result["cells"]``:
+    dicts with ``method``, ``seed``, ``n4`` = 40, ``chooser`` = "failures" and ``delta[SET][METRIC]``).
+
+    ``seeds``: the dev seeds (default: every seed of the reference's cells). Per method the gains are
+    the means over those seeds (dev failure zone and dev random: standard mIoU; dev T(0):
+    ground-truth-class mIoU); a method lacking a seed is listed under ``incomplete`` and not chosen.
+    A replacement of ``reference`` must beat its mean failure-zone gain by more than
+    :data:`DEV_TIE_MARGIN` and by more than the standard error of the per-seed paired difference.
+    Returns the rule's inputs (``gains``, ``per_seed``, ``paired``) and the ``chosen`` method.
+    """
+    per_seed: dict[str, dict[int, dict[str, float]]] = {}
+    for cell in cells.values():
+        d = cell.get("delta", {})
+        if "dev_random" not in d or cell.get("n4") != 40 or cell.get("chooser") != "failures":
             continue
-        gains[g.split("/")[0]] = {"failure_zone": row["dev_failure_zone.miou.delta"]["mean"],
-                                  "random": row["dev_random.miou.delta"]["mean"],
-                                  "t0_gt": row["dev_t0.gt_miou.delta"]["mean"]}
-    if reference not in gains:
-        return {"gains": gains, "chosen": None, "why": f"the reference {reference} has no dev cell yet"}
+        per_seed.setdefault(cell["method"], {})[int(cell["seed"])] = {
+            "failure_zone": d["dev_failure_zone"]["miou"], "random": d["dev_random"]["miou"],
+            "t0_gt": d["dev_t0"]["gt_miou"]}
+    if reference not in per_seed:
+        return {"gains": {}, "chosen": None, "why": f"the reference {reference} has no dev cell yet"}
+    want = sorted(seeds) if seeds is not None else sorted(per_seed[reference])
+    incomplete = sorted(m for m, v in per_seed.items() if any(s not in v for s in want))
+    if reference in incomplete:
+        return {"gains": {}, "seeds": want, "incomplete": incomplete, "chosen": None,
+                "why": f"the reference {reference} lacks a dev seed of {want}"}
+    keys = ("failure_zone", "random", "t0_gt")
+    gains = {m: {k: round(float(np.mean([v[s][k] for s in want])), 4) for k in keys}
+             for m, v in per_seed.items() if m not in incomplete}
+    paired: dict[str, dict[str, float | None]] = {}  # se None: one seed, no standard error
+    for m in gains:
+        diffs = np.array([per_seed[m][s]["failure_zone"] - per_seed[reference][s]["failure_zone"]
+                          for s in want])
+        se = round(float(diffs.std(ddof=1) / np.sqrt(len(diffs))), 4) if len(diffs) > 1 else None
+        paired[m] = {"mean_diff": round(float(diffs.mean()), 4), "se": se}
     qualify = sorted(m for m, v in gains.items() if v["t0_gt"] >= -0.01 and v["random"] >= -0.005)
     ref = gains[reference]
     if qualify:
         best = max(qualify, key=lambda m: (gains[m]["failure_zone"], m == reference))
-        tie = gains[best]["failure_zone"] - ref["failure_zone"] <= 0.001
+        tie = gains[best]["failure_zone"] - ref["failure_zone"] <= DEV_TIE_MARGIN
         if best != reference and reference in qualify and tie:
-            best, why = reference, "tie within 0.001 with the reference: the reference stays"
+            best, why = reference, f"tie within {DEV_TIE_MARGIN} with the reference: the reference stays"
         else:
-            why = "largest dev failure-zone gain among the qualifying methods"
+            why = "largest mean dev failure-zone gain among the qualifying methods"
     else:
         better = [m for m, v in gains.items() if m != reference and all(v[k] > ref[k] for k in ref)]
         if better:
             best = max(better, key=lambda m: gains[m]["failure_zone"])
-            why = "none qualifies; better than the reference on all three dev sets"
+            why = "none qualifies; better than the reference on all three dev sets (means)"
         else:
             best = reference
             why = "none qualifies and none beats the reference on all three: the reference stays"
-    return {"gains": gains, "qualifying": qualify, "chosen": best, "why": why,
+    if best != reference:
+        diff, se = paired[best]["mean_diff"], paired[best]["se"]
+        if not (diff is not None and se is not None and diff > DEV_TIE_MARGIN and diff > se):
+            why = (f"{best} won by the rule on the means ({why}), but its failure-zone gain over the "
+                   f"reference ({diff:+.4f}) is not above both the tie margin {DEV_TIE_MARGIN} and the "
+                   f"standard error of the paired difference ({se}) over {len(want)} dev seed(s): the "
+                   "reference stays")
+            best = reference
+    return {"seeds": want, "gains": gains,
+            "per_seed": {m: {str(s): v[s] for s in want} for m, v in per_seed.items() if m in gains},
+            "paired": paired, "incomplete": incomplete, "qualifying": qualify, "chosen": best, "why": why,
             "needs_competitors": bool(METHODS.get(best, {}).get("pseudo"))}
 
 
@@ -502,7 +553,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     jobs: list[dict[str, Any]] = []
     f0_rows: dict[str, Any] = {}
-    seeds = [0] if args.dev else [int(s) for s in args.seeds.split(",")]
+    dev_seeds = [int(s) for s in args.dev_seeds.split(",") if s]
+    seeds = dev_seeds if args.dev else [int(s) for s in args.seeds.split(",")]
     n4s = [40] if args.dev else [int(v) for v in args.n4.split(",")]
     choosers = ["failures"] if args.dev else [c for c in args.choosers.split(",") if c]
     for seed in seeds:
@@ -585,7 +637,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["cells"][job["key"]] = cell
         result["summary"] = summary(result["cells"])
         if args.dev:
-            result["choice"] = choose_dev(result["summary"])
+            result["choice"] = choose_dev(result["cells"], dev_seeds)
         spent = cell["seconds"]["finetune"] + cell["seconds"]["evaluate"]
         result["timings"]["cells_s"] = round(result["timings"].get("cells_s", 0.0) + spent, 1)
         _write(out_path, result)
@@ -605,7 +657,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["timings"]["wall_s_this_run"] = round(time.time() - t_start, 1)
     result["summary"] = summary(result["cells"])
     if args.dev:
-        result["choice"] = choose_dev(result["summary"])
+        result["choice"] = choose_dev(result["cells"], dev_seeds)
         print(json.dumps(result["choice"], indent=1), flush=True)
     _write(out_path, result)
     return result
