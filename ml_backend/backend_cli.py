@@ -106,7 +106,7 @@ def _backend(args: argparse.Namespace) -> int:
     config.local_files_policy()  # a document root of / with nothing narrower: one clear error
     require_label_studio_ml()
     log.info("madseg backend on %s:%d, target %s, model dir %s, queue %s", config.host, config.port,
-             config.target["name"], config.model_dir, "redis" if config.redis_url else "in-process")
+             config.target.name, config.model_dir, "redis" if config.redis_url else "in-process")
     serve(config, log_level="debug" if args.verbose else "info")
     return 0
 

@@ -90,6 +90,7 @@ from typing import Any
 
 from .errors import MadsegError
 from .experiment_settings import SETTINGS_ENV, ExperimentSettings
+from .modelspec import ModelSpec
 
 DEFAULT_QUEUE = "madseg-finetune"
 DEFAULT_MODEL_DIR = "runs/backend"
@@ -168,9 +169,11 @@ def _experiment_settings(env: Mapping[str, str]) -> ExperimentSettings:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """Everything the backend and the fine-tune job need, minus secrets (see the module docstring)."""
+    """Everything the backend and the fine-tune job need, minus secrets (see the module docstring).
+    ``target``: the configured model (f(0)); a ``{name, checkpoint, options}`` dict given here is
+    read once by :meth:`ModelSpec.from_dict`."""
 
-    target: dict[str, Any]
+    target: ModelSpec
     model_dir: Path
     redis_url: str | None = None
     queue_name: str = DEFAULT_QUEUE
@@ -209,6 +212,9 @@ class BackendConfig:
     fetch_read_s: float = 20.0
     max_queued_jobs: int = 8
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", ModelSpec.of(self.target))
+
     @property
     def has_credentials(self) -> bool:
         """Whether every route requires basic auth or the bearer token."""
@@ -239,7 +245,7 @@ class BackendConfig:
 
         return {
             "images": ExportImagePolicy.from_backend_config(self).to_json(),
-            "target": self.target,
+            "target": self.target.to_dict(),
             "model_dir": str(self.model_dir),
             "queue_name": self.queue_name,
             "start_delay_s": self.start_delay_s,
@@ -264,7 +270,7 @@ class BackendConfig:
         exp = _experiment_settings(env)
         exp_target = exp.target
 
-        name = env.get("MADSEG_MODEL", "").strip() or exp_target.get("name")
+        name = env.get("MADSEG_MODEL", "").strip() or (exp_target.name if exp_target else None)
         if not name:
             raise MadsegError(
                 "no target model configured: set MADSEG_MODEL (e.g. espnetv2) and MADSEG_CHECKPOINT, "
@@ -274,8 +280,9 @@ class BackendConfig:
             checkpoint = env.get("MADSEG_CHECKPOINT", "").strip() or None
             options: dict[str, Any] = {}
         else:
-            checkpoint = env.get("MADSEG_CHECKPOINT", "").strip() or exp_target.get("checkpoint") or None
-            options = dict(exp_target.get("options") or {})
+            checkpoint = env.get("MADSEG_CHECKPOINT", "").strip() or (
+                exp_target.checkpoint if exp_target else None) or None
+            options = dict(exp_target.options) if exp_target else {}
         options.update(_json_object(env, "MADSEG_MODEL_OPTIONS"))
         if checkpoint and not Path(checkpoint).exists():
             raise MadsegError(f"MADSEG_CHECKPOINT={checkpoint}: file not found")
@@ -321,7 +328,7 @@ class BackendConfig:
         if any(c.isspace() for c in queue):
             raise MadsegError(f"MADSEG_QUEUE={queue!r}: no spaces allowed")
         return cls(
-            target={"name": name, "checkpoint": checkpoint, "options": options},
+            target=ModelSpec(name, checkpoint, options),
             model_dir=Path(env.get("MADSEG_MODEL_DIR", "").strip() or DEFAULT_MODEL_DIR).resolve(),
             redis_url=redis_url,
             queue_name=queue,

@@ -3,7 +3,8 @@
 The backend does not read the experiment TOML (that schema belongs to ``projects``, a higher
 layer). ``projects.backend_settings`` turns an experiment into an :class:`ExperimentSettings` and
 writes it as JSON; the backend reads that file from ``MADSEG_BACKEND_SETTINGS``
-(``madseg backend`` / ``madseg worker`` do both steps when ``MADSEG_EXPERIMENT`` is set). The file::
+(``madseg backend`` / ``madseg worker`` do both steps when ``MADSEG_EXPERIMENT`` is set). The target
+is read once, at this edge, into a :class:`ml_backend.modelspec.ModelSpec`; the file::
 
     {"target": {"name": ..., "checkpoint": ..., "options": {...}},   # the zoo spec of f(0)
      "finetune": {...},                  # ml_backend.finetune.FinetuneConfig field names (+ "preset")
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .atomic import atomic_write_json
-from .errors import MadsegError
+from .errors import MadsegError, ModelError
+from .modelspec import ModelSpec
 
 #: Environment variable naming the settings file.
 SETTINGS_ENV = "MADSEG_BACKEND_SETTINGS"
@@ -45,12 +48,14 @@ def _strings(obj: Any, key: str, source: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ExperimentSettings:
     """What the backend and its fine-tune jobs take from an experiment (see the module docstring).
-    ``target`` is empty only in :attr:`NONE` (no experiment: the backend's variables say it all)."""
+    ``target``: f(0)'s spec; None only in :attr:`NONE` (no experiment: the backend's variables say it
+    all). A ``{name, checkpoint, options}`` dict given as ``target`` is read by
+    :meth:`ModelSpec.from_dict` (an empty one is None)."""
 
     #: No experiment (set below).
     NONE: ClassVar[ExperimentSettings]
 
-    target: dict[str, Any]
+    target: ModelSpec | None
     finetune: dict[str, Any] = field(default_factory=dict)
     replay: dict[str, Any] | None = None
     val: dict[str, Any] | None = None
@@ -59,9 +64,16 @@ class ExperimentSettings:
     pool_dirs: tuple[str, ...] = ()
     ground_truth: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.target, Mapping):
+            object.__setattr__(self, "target", ModelSpec.of(self.target) if self.target else None)
+        elif self.target is not None and not isinstance(self.target, ModelSpec):
+            raise MadsegError(f"backend settings: 'target' must be a model spec, got {self.target!r}")
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "target": self.target, "finetune": self.finetune, "replay": self.replay, "val": self.val,
+            "target": self.target.to_dict() if self.target is not None else {},
+            "finetune": self.finetune, "replay": self.replay, "val": self.val,
             "document_root": self.document_root, "dir": self.dir, "pool_dirs": list(self.pool_dirs),
             "ground_truth": list(self.ground_truth),
         }
@@ -78,6 +90,11 @@ class ExperimentSettings:
         target = obj.get("target")
         if not isinstance(target, dict) or not isinstance(target.get("name"), str):
             raise MadsegError(f"{source}: 'target' must be a model spec object with a 'name'")
+        try:
+            spec = ModelSpec.from_dict(target)
+        except ModelError as exc:
+            raise MadsegError(f"{source}: 'target': {exc}; regenerate it with `madseg backend` "
+                              "and MADSEG_EXPERIMENT") from None
         finetune = obj.get("finetune") or {}
         if not isinstance(finetune, dict):
             raise MadsegError(f"{source}: 'finetune' must be an object")
@@ -85,7 +102,7 @@ class ExperimentSettings:
             if obj.get(key) is not None and not isinstance(obj[key], str):
                 raise MadsegError(f"{source}: {key!r} must be a folder path or null")
         return cls(
-            target=dict(target), finetune=dict(finetune),
+            target=spec, finetune=dict(finetune),
             replay=_labelled(obj.get("replay"), "replay", source),
             val=_labelled(obj.get("val"), "val", source),
             document_root=obj.get("document_root"), dir=obj.get("dir"),
@@ -115,4 +132,4 @@ class ExperimentSettings:
         return path
 
 
-ExperimentSettings.NONE = ExperimentSettings(target={})
+ExperimentSettings.NONE = ExperimentSettings(target=None)

@@ -44,6 +44,7 @@ from .labelstudio.brush import label_map_results
 from .labelstudio.configs import LabelConfigError, find_brush_controls
 from .labelstudio.task_images import FetchLimits, ImageSource, LabelStudioAuth
 from .limits import Deadline
+from .modelspec import ModelSpec
 from .netguard import UrlPolicy, UrlRefused, origin_of
 from .versions import ServingRecord, pointer_stamp, read_pointer
 
@@ -84,9 +85,9 @@ class ModelCache:
             self._record, self._stamp = rec, stamp
         return self._record
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> ModelSpec:
         rec = self.record()
-        return rec.spec() if rec is not None else dict(self.config.target)
+        return ModelSpec.from_dict(rec.spec()) if rec is not None else self.config.target
 
     def current(self, wait: bool = True) -> Any:
         """The model to serve now (a ``ml_backend.zoo`` SegmentationModel).
@@ -97,7 +98,7 @@ class ModelCache:
         cannot be loaded is logged once and the previous model keeps serving.
         """
         spec = self.spec()
-        key = json.dumps(spec, sort_keys=True, default=str)
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -112,7 +113,7 @@ class ModelCache:
             return fallback
         return self._load(key, spec, fallback)
 
-    def _load(self, key: str, spec: dict[str, Any], fallback: Any) -> Any:
+    def _load(self, key: str, spec: ModelSpec, fallback: Any) -> Any:
         from ml_backend.zoo import load_model_spec
 
         with self._load_lock:
@@ -128,7 +129,7 @@ class ModelCache:
                     raise
                 with self._lock:
                     self._failed.add(key)
-                log.error("cannot load model %s (%s); still serving %s", spec.get("checkpoint"), exc,
+                log.error("cannot load model %s (%s); still serving %s", spec.checkpoint, exc,
                           fallback.version)
                 return fallback
             self.loads += 1
@@ -139,7 +140,7 @@ class ModelCache:
                     self._models.popitem(last=False)
             return model
 
-    def _load_in_background(self, key: str, spec: dict[str, Any], fallback: Any) -> None:
+    def _load_in_background(self, key: str, spec: ModelSpec, fallback: Any) -> None:
         with self._lock:
             if key in self._loading:
                 return
@@ -149,7 +150,7 @@ class ModelCache:
             try:
                 self._load(key, spec, fallback)
             except Exception:
-                log.exception("background load of %s failed", spec.get("checkpoint"))
+                log.exception("background load of %s failed", spec.checkpoint)
             finally:
                 with self._lock:
                     self._loading.discard(key)
@@ -171,7 +172,8 @@ _CACHES_LOCK = threading.Lock()
 
 def model_cache(config: BackendConfig) -> ModelCache:
     """The process-wide :class:`ModelCache` for ``config``'s model dir and target."""
-    key = json.dumps([str(config.model_dir), config.target, config.device], sort_keys=True, default=str)
+    key = json.dumps([str(config.model_dir), config.target.to_dict(), config.device], sort_keys=True,
+                     default=str)
     with _CACHES_LOCK:
         cache = _CACHES.get(key)
         if cache is None:

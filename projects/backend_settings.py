@@ -44,7 +44,7 @@ def backend_settings(exp: ExperimentConfig) -> ExperimentSettings:
     ft = exp.finetune.to_dict()
     replay = ft.pop("replay", False)
     return ExperimentSettings(
-        target=exp.target.spec(),
+        target=exp.target.model_spec(),
         finetune=ft,
         replay=exp.s0.to_dict() if replay else None,
         val=exp.t0.to_dict(),

@@ -26,6 +26,7 @@ from ml_backend.labelstudio.configs import (
     is_segmentation_config,
 )
 from ml_backend.model import drawn_classes
+from ml_backend.modelspec import ModelSpec
 
 SEG_CONFIG = (
     '<View><Image name="image" value="$image"/><BrushLabels name="label" toName="image">'
@@ -228,7 +229,8 @@ def test_config_from_env(tmp_path) -> None:
     }
     cfg = BackendConfig.from_env(env)
     opts = {"scale": 0.5, "input_size": 256}
-    assert cfg.target == {"name": "espnetv2", "checkpoint": None, "options": opts}
+    assert cfg.target.to_dict() == {"name": "espnetv2", "checkpoint": None, "options": opts}
+    assert cfg.job_settings()["target"] == {"name": "espnetv2", "checkpoint": None, "options": opts}
     assert cfg.train_projects == (3, 4) and cfg.redis_url is None
     assert cfg.basic_auth == ("alice-user", "s3cret-pass") and "s3cret" not in repr(cfg)
     settings = json.dumps(cfg.job_settings())  # what a queued job carries: no secrets
@@ -277,7 +279,7 @@ def test_config_from_the_demo_experiment(tmp_path, monkeypatch) -> None:
     settings = prepare_backend_env(env)  # what `madseg backend` does first: the experiment as data
     assert settings is not None and env["MADSEG_BACKEND_SETTINGS"] == str(settings)
     cfg = BackendConfig.from_env(env)
-    assert cfg.target == exp.target.spec()
+    assert cfg.target == exp.target.model_spec()
     assert cfg.replay_dir == (shared_dir() / "data" / "voc2012" / "train").resolve()
     assert cfg.replay_subset is None
     assert cfg.val_dir == (shared_dir() / "data" / "voc2012" / "val").resolve()
@@ -337,7 +339,14 @@ def test_experiment_settings_file_round_trip_and_bad_files(tmp_path) -> None:
     assert ExperimentSettings.read(s.write(tmp_path / "s.json")) == s
     cfg = BackendConfig.from_env({"MADSEG_BACKEND_SETTINGS": str(tmp_path / "s.json"),
                                   "MADSEG_MODEL_DIR": str(tmp_path)})
-    assert cfg.target["options"] == {"scale": 0.5} and cfg.finetune_options == {"epochs": 2}
+    assert cfg.target.options == {"scale": 0.5} and cfg.finetune_options == {"epochs": 2}
+    # on disk the target stays the {name, checkpoint, options} object; read once into a ModelSpec
+    on_disk = json.loads((tmp_path / "s.json").read_text())
+    assert on_disk["target"] == {"name": "espnetv2", "checkpoint": None, "options": {"scale": 0.5}}
+    assert isinstance(cfg.target, ModelSpec) and isinstance(s.target, ModelSpec)
+    (tmp_path / "bad.json").write_text('{"target": {"name": "espnetv2", "checkpoint": 5}}')
+    with pytest.raises(MadsegError, match="'target': checkpoint must be a file path"):
+        ExperimentSettings.read(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text('{"target": {"name": "espnetv2"}, "epochz": 1}')
     with pytest.raises(MadsegError, match="unknown key"):
         ExperimentSettings.read(tmp_path / "bad.json")
