@@ -114,8 +114,8 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     gt = Path(args.gt) if args.gt else pool.parent / "masks"
     t0 = time.perf_counter()
     print(f"scoring {pool} once (cached) ...", flush=True)
-    data = prepare_pool(pool, gt, exp.target.spec(), [c.spec() for c in exp.competitors], args.cache,
-                        device=args.device, cached_only=args.cached_only)
+    data = prepare_pool(pool, gt, exp.target.model_spec(), [c.model_spec() for c in exp.competitors],
+                        args.cache, device=args.device, cached_only=args.cached_only)
     t_prep = time.perf_counter() - t0
     s0 = s0_area_fractions(Path(args.s0), len(data.class_names)) if args.s0 else None
     universe = np.arange(len(data.ids))

@@ -1,6 +1,7 @@
 """Score a labelled pool once for the efficacy benchmark and cache what the selection part needs.
 
-``prepare_pool(pool, gt, models, cache_root, device=None) -> PoolData`` scores the images of
+``prepare_pool(pool, gt, target, competitors, cache_root, device=None) -> PoolData`` (the models as
+``ml_backend.modelspec.ModelSpec`` values) scores the images of
 ``pool`` with the target and the competitors into a score store under ``cache_root`` (keyed by
 the pool folder), with :func:`sampler.score.score_pool` (so what is cached is exactly what
 ``madseg score`` stores), then computes, once per target version, each image's ground-truth
@@ -26,6 +27,7 @@ import numpy as np
 
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
+from ml_backend.modelspec import ModelSpec
 
 
 def default_cache_root() -> Path:
@@ -74,8 +76,8 @@ def _mask_for(gt: Path, stem: str) -> Path:
 def prepare_pool(
     pool: str | os.PathLike[str],
     gt: str | os.PathLike[str],
-    target: Mapping[str, Any],
-    competitors: Sequence[Mapping[str, Any]],
+    target: ModelSpec | Mapping[str, Any],
+    competitors: Sequence[ModelSpec | Mapping[str, Any]],
     cache_root: str | os.PathLike[str] | None = None,
     *,
     device: str | None = None,
@@ -86,6 +88,8 @@ def prepare_pool(
 
     ``cached_only``: score nothing; use the images an earlier (possibly interrupted) run scored
     with every model (a random subset of the pool, as the scorer works in content-id order).
+    ``target``/``competitors``: specs (a ``{name, checkpoint, options}`` dict is read by
+    :meth:`ModelSpec.from_dict`).
     """
     from ml_backend.imageio import read_mask, read_rgb
     from projects.simulation.oracle import is_out_of_domain, per_image_miou
@@ -94,6 +98,7 @@ def prepare_pool(
     from sampler.store import image_paths
 
     pool, gt = Path(pool), Path(gt)
+    target, competitors = ModelSpec.of(target), [ModelSpec.of(c) for c in competitors]
     if not pool.is_dir():
         raise MadsegError(f"--pool {pool}: not a folder; give a folder of images")
     if not gt.is_dir():
@@ -111,7 +116,7 @@ def prepare_pool(
         timing.setdefault("scoring_s", None)
         timing["cached_only"] = True
     else:
-        stats = score_pool([str(pool)], dict(target), [dict(c) for c in competitors], store, device=device,
+        stats = score_pool([str(pool)], target, competitors, store, device=device,
                            progress=progress, workers=0)
         scoring_s = time.perf_counter() - t0
         if sum(stats.inferred.values()) or "scoring_s" not in timing:  # models ran: the first run
@@ -130,7 +135,7 @@ def prepare_pool(
     if todo:
         from ml_backend.zoo import load_model_spec
 
-        model = load_model_spec(dict(target), device=device)
+        model = load_model_spec(target, device=device)
         for n, (iid, p, stem) in enumerate(todo, 1):
             mask = read_mask(_mask_for(gt, stem), c)
             pred = model.predict([read_rgb(p)])[0]

@@ -57,15 +57,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ml_backend.classes import IGNORE_INDEX, VOC_CLASSES
 from ml_backend.errors import MadsegError
 from ml_backend.finetune_config import PRESETS as FT_PRESETS
 from ml_backend.finetune_config import SAMPLING_MODES, FinetuneConfig, preset_config
-
-if TYPE_CHECKING:
-    from ml_backend.zoo import ModelSpec
+from ml_backend.modelspec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +130,9 @@ class ModelConfig:
     checkpoint: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def spec(self) -> dict[str, Any]:
-        """The ``{name, checkpoint, options}`` dict (:meth:`model_spec` as JSON)."""
-        return {"name": self.name, "checkpoint": self.checkpoint, "options": dict(self.options)}
-
     def model_spec(self) -> ModelSpec:
-        """The model as the zoo's one vocabulary, ``ml_backend.zoo.ModelSpec`` (what round plans and
-        evaluation carry; imports the zoo, hence torch)."""
-        from ml_backend.zoo import ModelSpec
-
+        """The model as the zoo's one vocabulary, :class:`ml_backend.modelspec.ModelSpec` (what round
+        plans, the backend's settings, evaluation and the benchmarks carry; torch-free)."""
         return ModelSpec(name=self.name, checkpoint=self.checkpoint, options=dict(self.options))
 
     def load(self, device: str | None = None) -> Any:
@@ -150,7 +142,9 @@ class ModelConfig:
         return load_model_spec(self.model_spec(), device=device)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, **self.spec()}
+        """``{key, name, checkpoint, options}`` (the experiment's model table as JSON)."""
+        return {"key": self.key, "name": self.name, "checkpoint": self.checkpoint,
+                "options": dict(self.options)}
 
 
 @dataclass(frozen=True)

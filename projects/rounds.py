@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from ml_backend.atomic import atomic_write_json
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
+from ml_backend.modelspec import ModelSpec
 from sampler.candidates import Candidate, read_candidates
 
 from .experiment import ExperimentConfig
@@ -88,7 +89,6 @@ from .state import RoundState, served_round
 
 if TYPE_CHECKING:
     from ml_backend.labelstudio.export import ExportImagePolicy
-    from ml_backend.zoo import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class RoundPlan:
     ``"entropy"`` (Appendix-A baseline: the top entropy images of ``target`` get the n4 labels) or
     ``"compare"`` (a MAD test set between ``target`` and ``competitors``; T only).
     ``root``: folder holding ``round-<number>/``; ``target``/``competitors``: the models, as
-    ``ml_backend.zoo.ModelSpec`` (competitors by key; a ``{name, checkpoint, options}`` dict given
+    ``ml_backend.modelspec.ModelSpec`` (competitors by key; a ``{name, checkpoint, options}`` dict given
     here is read by ``ModelSpec.from_dict``);
     ``n4``: images for S (0 = none); ``test_size``: |T| (0 = none); ``finetune``: train f after;
     ``used``: image ids that may not go into T (used for fine-tuning anywhere);
@@ -524,7 +524,7 @@ class Services:
 
         sources = [*map(str, self.exp.pool.folders), *map(str, self.exp.pool.lists)]
         stats = score_pool(
-            sources, plan.target.to_dict(), [c.to_dict() for c in plan.competitors.values()], self.store_dir,
+            sources, plan.target, list(plan.competitors.values()), self.store_dir,
             resolution=self.exp.selection.working_size, device=self.options.device,
             progress=self.options.progress, workers=min(2, os.cpu_count() or 1),
         )

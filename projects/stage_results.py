@@ -13,8 +13,8 @@ these classes existed load unchanged:
   back as they were;
 - a missing key reads as the field's default (None, or an empty tuple / mapping), never an error.
 
-Model specs travel as :class:`ml_backend.zoo.ModelSpec` (the zoo's one vocabulary for a model),
-imported when a spec is decoded (the zoo imports torch).
+Model specs travel as :class:`ml_backend.modelspec.ModelSpec` (the zoo's one vocabulary for a
+model; torch-free).
 
 Stages and their outputs::
 
@@ -35,12 +35,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ml_backend.errors import MadsegError
-
-if TYPE_CHECKING:
-    from ml_backend.zoo import ModelSpec
+from ml_backend.modelspec import ModelSpec
 
 R = TypeVar("R", bound="Record")
 
@@ -86,16 +84,12 @@ def _encode(value: Any) -> Any:
 
 
 def model_spec(value: Any) -> ModelSpec | None:
-    """A stored ``{name, checkpoint, options}`` as a :class:`ml_backend.zoo.ModelSpec` (None for a
-    missing or empty one); a ``ModelSpec`` is returned as it is."""
+    """A stored ``{name, checkpoint, options}`` as a :class:`ml_backend.modelspec.ModelSpec` (None for
+    a missing or empty one); a ``ModelSpec`` is returned as it is."""
     if not value:
         return None
-    from ml_backend.zoo import ModelSpec
-
-    if isinstance(value, ModelSpec):
-        return value
     try:
-        return ModelSpec.from_dict(value)
+        return ModelSpec.of(value)
     except MadsegError as exc:
         raise MadsegError(f"bad model spec {value!r} ({exc}); fix the file it came from") from None
 

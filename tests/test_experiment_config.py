@@ -78,7 +78,7 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.pool.folders == (tmp_path.resolve() / "pool" / "a", tmp_path.resolve() / "pool" / "b")
     assert cfg.classes == VOC_CLASSES and cfg.num_classes == 21 and cfg.seed == 0
     assert cfg.target.key == "espnetv2-s2.0-384"
-    assert cfg.target.spec() == {
+    assert cfg.target.model_spec().to_dict() == {
         "name": "espnetv2", "checkpoint": str(tmp_path.resolve() / "ckpt" / "target.pth"),
         "options": {"scale": 2.0, "input_size": 384},
     }

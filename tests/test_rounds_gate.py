@@ -20,6 +20,7 @@ import pytest
 
 from ml_backend.app import create_app
 from ml_backend.backend_config import BackendConfig
+from ml_backend.modelspec import ModelSpec
 from ml_backend.versions import list_versions, read_pointer
 from projects.experiment import ExperimentConfig, load_experiment
 from projects.rounds import MAD_STAGES, RoundRunner, RunOptions
@@ -87,7 +88,7 @@ def _runner(exp: ExperimentConfig, gate: dict[str, Any] | None = None) -> RoundR
     return RoundRunner(exp, RunOptions(progress=False, device="cpu", gate_options=gate or {}))
 
 
-def _versions(model_dir: Path, target: dict[str, Any]) -> dict[str, Any]:
+def _versions(model_dir: Path, target: ModelSpec) -> dict[str, Any]:
     app = create_app(BackendConfig(target=target, model_dir=model_dir, device="cpu"))
     resp = app.test_client().get("/versions")
     assert resp.status_code == 200
@@ -112,13 +113,13 @@ def test_forced_regression_is_rejected_and_the_round_goes_on_with_the_parent(
     assert read_pointer(runner.model_dir) is None
     (rec,) = list_versions(runner.model_dir)
     assert rec.status == "rejected" and rec.version == out["version"] and rec.reason
-    listed = _versions(runner.model_dir, exp.target.spec())
+    listed = _versions(runner.model_dir, exp.target.model_spec())
     assert listed["current"] is None
     assert listed["details"][0]["status"] == "rejected" and listed["details"][0]["reason"] == rec.reason
     # the next round's target is the parent
-    assert runner.target_key(1) == "f(0)" and runner.target_spec(1).to_dict() == exp.target.spec()
+    assert runner.target_key(1) == "f(0)" and runner.target_spec(1) == exp.target.model_spec()
     plan2 = runner.mad_plan(2)
-    assert plan2.target_key == "f(0)" and plan2.target.to_dict() == exp.target.spec()
+    assert plan2.target_key == "f(0)" and plan2.target == exp.target.model_spec()
     assert runner.finetuned_spec(1).to_dict() == out["spec"]
 
 

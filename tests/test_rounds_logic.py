@@ -132,7 +132,7 @@ def test_demo_config_rewrite_loads_with_overrides(tmp_path: Path) -> None:
     assert again.label_studio.url == "http://127.0.0.1:8123"
     assert again.label_studio.backend_url == "http://127.0.0.1:9123"
     assert again.oracle.enabled is False
-    assert again.target.spec() == exp.target.spec()
+    assert again.target.model_spec() == exp.target.model_spec()
     assert [c.key for c in again.competitors] == [c.key for c in exp.competitors]
 
 
@@ -142,7 +142,7 @@ def test_mad_plan_requires_previous_finetune(tmp_path: Path) -> None:
     exp = load_experiment(TEMPLATE, overrides={"experiment.dir": str(tmp_path / "e")})
     runner = RoundRunner(exp, RunOptions(progress=False))
     plan = runner.mad_plan(1)
-    assert plan.target.to_dict() == exp.target.spec() and plan.target_key == "f(0)" and plan.finetune
+    assert plan.target == exp.target.model_spec() and plan.target_key == "f(0)" and plan.finetune
     assert set(plan.competitors) == {c.key for c in exp.competitors}
     with pytest.raises(MadsegError, match="has not finished fine-tuning f\\(1\\)"):
         runner.mad_plan(2)
