@@ -20,9 +20,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from ml_backend.errors import MadsegError
+from ml_backend.modelspec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_select)
 
 
-def read_models_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``[target]`` and ``[[competitors]]`` of a TOML file as spec dicts."""
+def read_models_config(path: Path) -> tuple[ModelSpec, list[ModelSpec]]:
+    """``[target]`` and ``[[competitors]]`` of a TOML file, each read by the zoo's one table reader
+    (``ml_backend.zoo.model_spec_from_table``: types checked, paths relative to the file)."""
     from ml_backend.tomlfile import read_toml
 
     data = read_toml(path, f"--config {path}")
@@ -110,16 +111,11 @@ def read_models_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]
 
     from ml_backend.zoo import model_spec_from_table
 
-    def fix(spec: dict[str, Any], where: str) -> dict[str, Any]:
-        # type checks naming the file and key; paths relative to the file
-        return model_spec_from_table(spec, path, where).to_dict()
-
-    return fix(target, "[target]"), [fix(c, f"[[competitors]] #{i + 1}") for i, c in enumerate(comps)]
+    return (model_spec_from_table(target, path, "[target]"),
+            [model_spec_from_table(c, path, f"[[competitors]] #{i + 1}") for i, c in enumerate(comps)])
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ml_backend.zoo import ModelSpec
-
     from .score import score_pool
 
     if args.config is not None:
@@ -129,8 +125,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         if not args.target:
             raise MadsegError("give the target model (--target SPEC) or a --config TOML")
-        target = ModelSpec.parse(args.target).to_dict()
-        comps = [ModelSpec.parse(c).to_dict() for c in args.competitor]
+        target = ModelSpec.parse(args.target)
+        comps = [ModelSpec.parse(c) for c in args.competitor]
     if not comps:
         raise MadsegError("give at least one competitor model (--competitor SPEC)")
     stats = score_pool(

@@ -3,8 +3,10 @@
 ``score_pool(pool, target, competitors, store_dir, *, batch_size=8, workers=None, device=None,
 resolution=None, progress=True) -> ScoreStats``
 
-``target``/``competitors`` are loaded zoo models (``SegmentationModel``), ``ModelSpec``\\ s,
-spec dicts ``{name, checkpoint, options}`` or strings ``name[,checkpoint=...,key=value]``.
+``target``/``competitors`` are loaded zoo models (``SegmentationModel``) or
+:class:`ml_backend.modelspec.ModelSpec`\\ s; at this public edge a spec dict ``{name, checkpoint,
+options}`` (read by ``ModelSpec.from_dict``) or a string ``name[,checkpoint=...,key=value]`` (read by
+``ModelSpec.parse``) is taken too.
 
 Two streamed phases:
 
@@ -55,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ml_backend.atomic import atomic_write
 from ml_backend.errors import ImageReadError, MadsegError, ModelError
+from ml_backend.modelspec import ModelSpec
 
 from . import distributed as D
 from .metrics import (
@@ -111,14 +114,17 @@ class ScoreStats:
 
 # ------------------------------------------------------------------------------------------ models
 def resolve_model(model: Any, device: str | None) -> Any:
-    """A loaded model from a model object, ModelSpec, spec dict or ``name,key=value`` string."""
+    """A loaded model from a model object, a ModelSpec, a spec dict or a ``name,key=value`` string
+    (the last two read into a ModelSpec here, once)."""
     if hasattr(model, "forward") and hasattr(model, "preprocessor") and hasattr(model, "version"):
         return model
-    from ml_backend.zoo import ModelSpec, load_model_spec
+    from ml_backend.zoo import load_model_spec
 
     if isinstance(model, str):
         model = ModelSpec.parse(model)
-    if not isinstance(model, (ModelSpec, Mapping)):
+    elif isinstance(model, Mapping):
+        model = ModelSpec.from_dict(model)
+    if not isinstance(model, ModelSpec):
         raise ModelError(f"cannot use {model!r} as a model; give a zoo model, a ModelSpec or a spec dict")
     return load_model_spec(model, device=device)
 

@@ -279,6 +279,7 @@ def test_madseg_select_and_the_round_write_the_same_candidates_file(scored, mode
     (same settings: S(0) = voc_samples, n3 = 2), and both exclude what they are told to."""
     from projects.experiment import load_experiment
     from projects.rounds import RoundPlan, RunOptions, Services
+    from projects.stage_results import ScoreOutput
 
     store, _ = scored
     target, comp = models
@@ -302,10 +303,12 @@ n4 = 2
 """)
     exp = load_experiment(cfg)
     services = Services(exp, RunOptions(progress=False), store, tmp_path / "backend")
-    scored_out = {"target_version": target.version, "competitor_versions": {"tflite": comp.version}}
-    plan = RoundPlan(kind="mad", number=1, root=tmp_path / "exp", target_key="f(0)", target={},
-                     competitors={}, n4=2, test_size=0, finetune=False, title="t")
-    info = services.select_mad(plan, scored_out)
+    scored_out = ScoreOutput(target_version=target.version, competitor_versions={"tflite": comp.version})
+    plan = RoundPlan(kind="mad", number=1, root=tmp_path / "exp", target_key="f(0)",
+                     target=exp.target.model_spec(),
+                     competitors={c.key: c.model_spec() for c in exp.competitors}, n4=2, test_size=0,
+                     finetune=False, title="t")
+    info = services.select_mad(plan, scored_out).to_dict()  # as state.json stores it
     cli_out = tmp_path / "cli.jsonl"
     assert madseg_main(["select", "--store", str(store), "--target-version", target.version,
                         "--competitor-version", comp.version, "--n3", "2", "--bounds-from", str(voc),
@@ -322,7 +325,7 @@ n4 = 2
     cfg.write_text(cfg.read_text().replace("n4 = 2", "n4 = 2\nrating_budget = 2"))
     budget = Services(load_experiment(cfg), RunOptions(progress=False), store, tmp_path / "backend")
     plan_b = RoundPlan(**{**plan.__dict__, "root": tmp_path / "budget"})
-    info_b = budget.select_mad(plan_b, scored_out)
+    info_b = budget.select_mad(plan_b, scored_out).to_dict()
     assert (info_b["n_candidates"], info_b["m_size"], info_b["rating_budget"]) == (2, info["m_size"], 2)
     assert (plan_b.dir / "candidates.jsonl").read_text().splitlines() == cli_out.read_text().splitlines()[:2]
     # the round leaves out the images it is told to (e.g. S(1..i-1)), and selects again without them
