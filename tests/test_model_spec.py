@@ -71,3 +71,19 @@ def test_one_class_everywhere_and_of() -> None:
     assert ModelSpec.of({"name": "espnetv2", "checkpoint": None, "options": {"scale": 0.5}}) == spec
     with pytest.raises(ModelError, match="needs a 'name'"):
         ModelSpec.of({"checkpoint": "x.pth"})
+
+
+def test_madseg_score_config_gives_model_specs(tmp_path: Path) -> None:
+    """``madseg score --config``: [target] / [[competitors]] read by the one table reader, as ModelSpecs."""
+    from sampler.cli import read_models_config
+
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('[target]\nname = "espnetv2"\ncheckpoint = "w.pth"\noptions = { scale = 0.5 }\n'
+                   '[[competitors]]\nname = "tflite"\n', encoding="utf-8")
+    target, comps = read_models_config(cfg)
+    assert target == ModelSpec("espnetv2", str(tmp_path / "w.pth"), {"scale": 0.5})
+    assert comps == [ModelSpec("tflite")]
+    cfg.write_text('[target]\nname = "espnetv2"\noptions = { seed = "x" }\n'
+                   '[[competitors]]\nname = "tflite"\n', encoding="utf-8")
+    with pytest.raises(MadsegError, match=r"\[target\]: seed"):
+        read_models_config(cfg)
