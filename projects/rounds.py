@@ -558,7 +558,7 @@ class Services:
         se = self.exp.selection
         sel = mad_candidates(self.store_dir, self._selection_inputs(scored), n3=se.n3, bounds=se.bounds,
                              s0_fractions=self.s0_fractions(), bounds_method=se.bounds_method,
-                             min_count=se.min_count, order=se.order, budget=se.rating_budget,
+                             min_count=se.min_count, order=se.order, rating_budget=se.rating_budget,
                              exclude=plan.used, competitor_names=list(scored.competitor_versions))
         write_candidates(plan.files.candidates, sel.candidates)
         return SelectOutput.from_dict({"candidates": plan.files.candidates.name, **sel.info()})

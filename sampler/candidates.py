@@ -416,14 +416,14 @@ class MadSelection:
     bounds: np.ndarray
     bounds_report: dict[str, Any]
     order: str
-    budget: int
+    rating_budget: int
     n3: int
 
     def info(self) -> dict[str, Any]:
         """JSON-able facts for the round's state and the summary (the candidates excepted)."""
         return {"n_candidates": len(self.candidates), "m_size": self.m_size, "pool_size": self.pool_size,
                 "n_records": sum(len(c.selections) for c in self.candidates), "order": self.order,
-                "rating_budget": self.budget, "n3": self.n3, "bounds_rule": self.bounds_report}
+                "rating_budget": self.rating_budget, "n3": self.n3, "bounds_rule": self.bounds_report}
 
 
 def mad_candidates(
@@ -436,33 +436,35 @@ def mad_candidates(
     bounds_method: str = "quartiles",
     min_count: int = 5,
     order: str = "failures",
-    budget: int = 0,
+    rating_budget: int = 0,
     exclude: Iterable[str] = (),
     competitor_names: Sequence[str] | None = None,
 ) -> MadSelection:
     """The selection entry point of ``madseg select`` and ``madseg round``: size bounds by the
     rule ``bounds`` (:func:`selection_bounds`, over ``inputs`` minus ``exclude``), MAD with
-    ``n3`` images per problem, M in the rating ``order``, and only M's first ``budget``
-    candidates kept when ``budget`` > 0 (the rating budget R). When R is larger than M, n3 is
+    ``n3`` images per problem, M in the rating ``order``, and only M's first ``rating_budget``
+    candidates kept when ``rating_budget`` > 0 (the rating budget R; the experiment's
+    ``[selection] rating_budget``, ``madseg select --budget``). When R is larger than M, n3 is
     raised to the smallest value whose M holds R images (``sampler.select.n3_for_size``), so the
     budget is spent on MAD's picks; ``n3`` in :meth:`MadSelection.info` is the value used."""
-    if budget < 0:
-        raise MadsegError(f"rating budget must be >= 0 (0 = all of M), got {budget}")
+    if rating_budget < 0:
+        raise MadsegError(f"rating budget must be >= 0 (0 = all of M), got {rating_budget}")
     inp = inputs.without(exclude)
     b, report = selection_bounds(inp, bounds, s0_fractions, bounds_method, min_count)
     n3_used = n3
-    if budget:  # a budget beyond |M| is filled by more images per problem (still MAD's picks)
-        n3_used = n3_for_size(inp.target_areas, inp.competitor_areas, inp.distances, b, n3, budget)
+    if rating_budget:  # a budget beyond |M| is filled by more images per problem (still MAD's picks)
+        n3_used = n3_for_size(inp.target_areas, inp.competitor_areas, inp.distances, b, n3, rating_budget)
         if n3_used > n3:
-            log.info("rating budget %d > |M| at n3 = %d: n3 raised to %d", budget, n3, n3_used)
+            log.info("rating budget %d > |M| at n3 = %d: n3 raised to %d", rating_budget, n3, n3_used)
     cands = select_candidates(store_dir, bounds=b, n3=n3_used, inputs=inp, competitor_names=competitor_names,
                               order=order)
     m_size = len(cands)
-    if budget and budget < m_size:
-        log.info("rating budget %d: the first %d of %d candidates go to the raters", budget, budget, m_size)
-        cands = cands[:budget]
+    if rating_budget and rating_budget < m_size:
+        log.info("rating budget %d: the first %d of %d candidates go to the raters", rating_budget,
+                 rating_budget, m_size)
+        cands = cands[:rating_budget]
     return MadSelection(candidates=cands, m_size=m_size, pool_size=int(inp.ids.size), bounds=b,
-                        bounds_report=report, order=order, budget=budget, n3=n3_used)
+                        bounds_report=report, order=order, rating_budget=rating_budget, n3=n3_used)
 
 
 def target_pool(

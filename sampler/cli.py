@@ -163,7 +163,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         sel = cand.mad_candidates(
             args.store, inp, n3=args.n3, bounds=args.bounds, s0_fractions=s0,
             bounds_method=args.bounds_method, min_count=args.min_occurrences, order=args.order,
-            budget=args.budget,
+            rating_budget=args.budget,
         )
         result = sel.candidates
         summary = cand.summarize(
