@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ml_backend.metrics import confusion_matrix
+from ml_backend.modelspec import ModelSpec
 from projects.evaluation.evaluate import (
     Evaluation,
     ModelEntry,
@@ -44,8 +45,8 @@ def _ev() -> Evaluation:
     t0 = _set("T(0)", ["a", "b"], 0)
     t1 = _set("T(1)", ["c", "d", "e"], 1, "f(0)")
     t2 = _set("T(2)", ["g", "h"], 2, "f(1)")
-    models = [ModelEntry("f(0)", {}, "target", 0), ModelEntry("f(1)", {}, "target", 1),
-              ModelEntry("f(2)", {}, "target", 2)]
+    models = [ModelEntry("f(0)", {"name": "x"}, "target", 0), ModelEntry("f(1)", {"name": "x"}, "target", 1),
+              ModelEntry("f(2)", {"name": "x"}, "target", 2)]
     ev = Evaluation(models=models, sets=[t0, t1, t2])
     wrong = {"f(0)": (0, 6), "f(1)": (0, 2), "f(2)": (4, 8)}  # (rows lost on T(0), on the failures)
     for key, (w0, wf) in wrong.items():
@@ -144,9 +145,9 @@ def test_evaluation_cache_notices_a_checkpoint_rewritten_in_place(tmp_path: Path
         def predict(self, images: list[np.ndarray], batch_size: int = 1) -> list[np.ndarray]:
             return [np.full(im.shape[:2], self.cls, np.uint8) for im in images]
 
-    def loader(spec: dict) -> Constant:
+    def loader(spec: ModelSpec) -> Constant:
         loads.append(1)
-        return Constant(int(Path(spec["checkpoint"]).read_text()))
+        return Constant(int(Path(spec.checkpoint).read_text()))
 
     models = [ModelEntry("f(1)", {"name": "x", "checkpoint": str(ckpt), "options": {}})]
     sets = [EvalSet("T(0)", ((img, mask),))]
@@ -165,7 +166,7 @@ def test_evaluation_cache_notices_a_checkpoint_rewritten_in_place(tmp_path: Path
 def test_before_after_gallery_shows_the_served_model_and_marks_a_rejected_one() -> None:
     from projects.evaluation.evaluate import before_after_columns
 
-    f = [ModelEntry(f"f({i})", {}, "target", i) for i in range(3)]
+    f = [ModelEntry(f"f({i})", {"name": "x"}, "target", i) for i in range(3)]
     # f(1) promoted, f(2) rejected: after = f(1); f(2) shown marked as rejected
     cols = before_after_columns(f, served=1)
     assert [(t, m.key) for t, m, _ in cols] == [

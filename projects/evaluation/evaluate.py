@@ -45,12 +45,11 @@ from ml_backend.atomic import atomic_write_bytes
 from ml_backend.errors import MadsegError
 from ml_backend.jsonsafe import jsonable
 from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
+from ml_backend.modelspec import ModelSpec
 
 from ..layout import ExperimentLayout, RoundLayout, round_dir
 
 if TYPE_CHECKING:
-    from ml_backend.zoo import ModelSpec
-
     from ..experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -82,29 +81,27 @@ class TestSet:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model to evaluate: ``key`` (row name), zoo ``spec`` (an ``ml_backend.zoo.ModelSpec``, or its
-    ``{name, checkpoint, options}`` dict), ``role`` ("target", "competitor", "baseline", "variant")
-    and ``round`` (f(round); None for competitors)."""
+    """A model to evaluate: ``key`` (row name), zoo ``spec`` (a :class:`ml_backend.modelspec.ModelSpec`;
+    a ``{name, checkpoint, options}`` dict given is read once into one), ``role`` ("target",
+    "competitor", "baseline", "variant") and ``round`` (f(round); None for competitors)."""
 
     key: str
-    spec: ModelSpec | Mapping[str, Any]
+    spec: ModelSpec
     role: str = "target"
     round: int | None = None
     label: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", ModelSpec.of(self.spec))
+
     @property
     def spec_dict(self) -> dict[str, Any]:
-        """The spec as ``{name, checkpoint, options}``."""
-        return _spec_dict(self.spec)
+        """The spec as ``{name, checkpoint, options}`` (the JSON written to disk)."""
+        return self.spec.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "spec": self.spec_dict, "role": self.role, "round": self.round,
                 "label": self.label or self.key}
-
-
-def _spec_dict(spec: ModelSpec | Mapping[str, Any]) -> dict[str, Any]:
-    to_dict = getattr(spec, "to_dict", None)
-    return to_dict() if callable(to_dict) else dict(spec)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -167,11 +164,11 @@ def confusions_for(
     return out
 
 
-def _spec_key(spec: ModelSpec | Mapping[str, Any]) -> str:
+def _spec_key(spec: ModelSpec) -> str:
     """The key of ``versions.json`` (spec -> model version): the spec plus the size and mtime of its
     checkpoint file, so a checkpoint rewritten in place (a fine-tune redone into the same folder)
     is loaded again instead of being taken for the old version."""
-    d = _spec_dict(spec)
+    d = spec.to_dict()
     ckpt = d.get("checkpoint")
     if isinstance(ckpt, str) and os.path.isfile(ckpt):
         st = os.stat(ckpt)
@@ -210,7 +207,7 @@ def evaluate_models(
     *,
     device: str | None = None,
     batch_size: int = 4,
-    loader: Callable[[Mapping[str, Any]], Any] | None = None,
+    loader: Callable[[ModelSpec], Any] | None = None,
 ) -> Evaluation:
     """Evaluate every model on every test set (confusions cached in ``cache_dir``).
 
@@ -222,8 +219,8 @@ def evaluate_models(
     if loader is None:
         from ml_backend.zoo import load_model_spec
 
-        def loader(spec: Mapping[str, Any]) -> Any:
-            return load_model_spec(_spec_dict(spec), device=device)
+        def loader(spec: ModelSpec) -> Any:
+            return load_model_spec(spec, device=device)
 
     ev = Evaluation(models=list(models), sets=list(sets))
     keys = [m.key for m in models]
@@ -248,7 +245,7 @@ def evaluate_models(
                 cm = _load_cached(cache / _cache_name(version, ts.name), ts.stems, num_classes)
             if cm is None:
                 if model is None:
-                    model = loader(entry.spec_dict)
+                    model = loader(entry.spec)
                     version = str(model.version)
                     known[spec_key] = version
                     from ml_backend.atomic import atomic_write_json
@@ -559,7 +556,7 @@ def _write_store_maps(store_dir: Path, version: str, ids: Sequence[str], out: Pa
     return res
 
 
-def _predict_to(model_spec: ModelSpec | Mapping[str, Any], pairs: Sequence[tuple[Path, Path]], out: Path,
+def _predict_to(model_spec: ModelSpec, pairs: Sequence[tuple[Path, Path]], out: Path,
                 device: str | None) -> list[Path]:
     from ml_backend.imageio import read_rgb, write_mask
 
@@ -568,7 +565,7 @@ def _predict_to(model_spec: ModelSpec | Mapping[str, Any], pairs: Sequence[tuple
     if todo:
         from ml_backend.zoo import load_model_spec
 
-        model = load_model_spec(_spec_dict(model_spec), device=device)
+        model = load_model_spec(model_spec, device=device)
         for img, p in todo:
             write_mask(p, model.predict([read_rgb(img)])[0])
     return paths
