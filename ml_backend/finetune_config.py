@@ -35,7 +35,8 @@ class FinetuneConfig:
     failure zone +0.001 vs -0.002, random +0.002 vs -0.013, T(0) -0.005 vs -0.017; paired failure-zone
     difference +0.003, SE 0.002). In :func:`finetune` LwF is on whenever ``unlabelled`` images are
     given (``lwf_weight`` = 1.0 below); it is not a config-only switch: the caller passes the images
-    (``madseg finetune --unlabelled``; the rounds' ``[finetune] lwf_weight``). The README has the
+    (``madseg finetune --unlabelled``; the rounds' ``demo`` preset passes the round's unlabelled
+    candidates, ``[finetune] lwf_weight = 0`` switches it off). The README has the
     numbers. The scale range 0.75-1.25 of the inference scale was not benchmarked here: the issue
     measured that 0.5-2.0 hurts. ``PRESETS["paper"]`` is the
     paper's recipe. ``lrs``: one rate, or a grid chosen on ``val``. ``replay_batch_size``: S(0) images

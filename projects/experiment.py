@@ -73,13 +73,16 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 #: Fine-tuning presets; explicit ``[finetune]`` keys override them. One source of truth:
-#: ``ml_backend.finetune.PRESETS`` (also behind ``madseg finetune --preset``); S(0) replay is on
-#: and the LwF weight 0 (LwF is the separate "f(1) LwF" variant) in both.
+#: ``ml_backend.finetune.PRESETS`` (also behind ``madseg finetune --preset``); S(0) replay is on in
+#: both. ``demo`` adds LwF at ``FinetuneConfig.lwf_weight`` (1.0) on the round's unlabelled
+#: candidates — the dev-split rule's pick (``benchmarks/efficacy_finetune.py``, 3 dev seeds); the
+#: ``paper`` preset has no LwF term (the paper's LwF is the separate "f(1) LwF" variant).
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     name: {
         "epochs": cfg.epochs, "steps": cfg.steps, "batch_size": cfg.batch_size, "lrs": tuple(cfg.lrs),
         "replay": True,
-        "lwf_weight": 0.0, "scale_range": tuple(cfg.scale_range), "clip_grad_norm": cfg.clip_grad_norm,
+        "lwf_weight": cfg.lwf_weight if name == "demo" else 0.0, "scale_range": tuple(cfg.scale_range),
+        "clip_grad_norm": cfg.clip_grad_norm,
         "encoder_lr_mult": cfg.encoder_lr_mult, "sampling": cfg.sampling, "l2sp_weight": cfg.l2sp_weight,
         "ema_decay": cfg.ema_decay,
     }

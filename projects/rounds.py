@@ -56,7 +56,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -445,6 +445,28 @@ class RoundRunner:
         return len(sources)
 
 
+def labelled_stems(plan: RoundPlan) -> set[str]:
+    """File stems of every image labelled up to round ``plan.number`` (the training sets S and the
+    test sets T of rounds 1..i of a MAD plan; the plan's own S and T otherwise), from each round's
+    ``sets.json`` (written by the masks stage)."""
+    files = ([RoundLayout(round_dir(plan.root, j)).sets for j in range(1, plan.number + 1)]
+             if plan.kind == "mad" else [plan.files.sets])
+    out: set[str] = set()
+    for f in files:
+        if f.exists():
+            sets = json.loads(f.read_text())
+            out.update(sets.get("S", []))
+            out.update(sets.get("T", []))
+    return out
+
+
+def unlabelled_candidates(candidates: Sequence[Candidate], labelled: Collection[str]) -> list[str]:
+    """Paths of the candidates (in file order) that no one labelled: neither their id nor their
+    file stem is in ``labelled``."""
+    seen = set(labelled)
+    return [c.path for c in candidates if c.id not in seen and Path(c.path).stem not in seen]
+
+
 def _project_id(st: RoundState, which: str) -> int:
     """The id of the round's ``which`` ("rating" / "segmentation") Label Studio project."""
     pid = getattr(st.read(ProjectsOutput), which)
@@ -785,7 +807,10 @@ class Services:
             replay = None
             unlabelled = [c.path for c in read_candidates(plan.files.candidates)]
         elif ft.lwf_weight > 0:
-            unlabelled = [c.path for c in read_candidates(plan.files.candidates)]
+            # distillation towards f(0) on the unlabelled candidates only: never on an
+            # image it is trained on, nor on a test image the promotion gate judges it by
+            cands = read_candidates(plan.files.candidates)
+            unlabelled = unlabelled_candidates(cands, labelled_stems(plan)) or None
         # T(0) chooses among several LRs; with one LR it would only be evaluated for the record,
         # which the promotion gate does anyway (cached for the report)
         val = self.exp.t0.open() if len(cfg.lrs) > 1 else None

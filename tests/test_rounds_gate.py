@@ -25,6 +25,7 @@ from ml_backend.versions import list_versions, read_pointer
 from projects.experiment import ExperimentConfig, load_experiment
 from projects.rounds import MAD_STAGES, RoundRunner, RunOptions
 from projects.state import RoundState, round_dir
+from sampler.candidates import Candidate, write_candidates
 from tests.experiments import DICE, ESP, write_experiment_toml
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp", "one_torch_thread")
@@ -77,6 +78,9 @@ def _labelled_round(exp: ExperimentConfig, voc: dict[str, Any], i: int) -> None:
                 (labels / sub).mkdir(parents=True, exist_ok=True)
                 shutil.copy(src / sub / f"{s}.{ext}", labels / sub / f"{s}.{ext}")
     (labels / "sets.json").write_text(json.dumps({"S": s_stems, "T": t_stems}))
+    # the select stage's candidates: here only the labelled images (nothing left for LwF)
+    write_candidates(round_dir(exp.dir, i) / "candidates.jsonl",
+                     [Candidate(id=s, path=str(labels / "images" / f"{s}.jpg")) for s in s_stems + t_stems])
     st = RoundState.load(exp.dir, i)
     outputs = {"choose": {"S": s_stems, "T": t_stems, "n_ood": 0},
                "masks": {"labels": "labels", "S_stems": s_stems, "T_stems": t_stems}}

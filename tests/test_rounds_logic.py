@@ -185,3 +185,27 @@ def test_evaluate_models_caches_confusions(tmp_path: Path) -> None:
     assert set(curves) == {"T(0)", "T(1)"} and curves["T(0)"]["ks"] == [1, 2, 3]
     assert "| a |" in markdown_table(again)
     json.dumps(t1)
+
+
+def test_lwf_distils_only_on_unlabelled_candidates(tmp_path: Path) -> None:
+    """The demo preset's LwF term uses the round's candidates minus every S and T image so far."""
+    from projects.experiment import FINETUNE_PRESETS
+    from projects.layout import RoundLayout, round_dir
+    from projects.rounds import RoundPlan, labelled_stems, unlabelled_candidates
+
+    assert FINETUNE_PRESETS["demo"]["lwf_weight"] == 1.0 and FINETUNE_PRESETS["paper"]["lwf_weight"] == 0.0
+    for j, sets in ((1, {"S": ["a"], "T": ["b"]}), (2, {"S": ["c"], "T": ["d"]})):
+        f = RoundLayout(round_dir(tmp_path, j)).sets
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(sets))
+    plan = RoundPlan(kind="mad", number=2, root=tmp_path, target_key="f(1)", target={"name": "x"},
+                     competitors={}, n4=1, test_size=1, finetune=True, title="t")
+    assert labelled_stems(plan) == {"a", "b", "c", "d"}
+    cands = [Candidate(id=i, path=f"/pool/{i}.jpg") for i in ("a", "e", "d", "f")]
+    cands.append(Candidate(id="x9", path="/pool/c.jpg"))  # id differs from the file stem: excluded by stem
+    assert unlabelled_candidates(cands, labelled_stems(plan)) == ["/pool/e.jpg", "/pool/f.jpg"]
+    # round 1 sees only its own sets (positive control: round 2's S and T stay available)
+    plan1 = RoundPlan(kind="mad", number=1, root=tmp_path, target_key="f(0)", target={"name": "x"},
+                      competitors={}, n4=1, test_size=1, finetune=True, title="t")
+    expected = ["/pool/e.jpg", "/pool/d.jpg", "/pool/f.jpg", "/pool/c.jpg"]
+    assert unlabelled_candidates(cands, labelled_stems(plan1)) == expected
