@@ -103,6 +103,8 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     from benchmarks.efficacy_pool import prepare_pool
     from benchmarks.efficacy_selection import (
         SelectionSettings,
+        ceiling_gaps,
+        format_ceiling,
         format_tables,
         format_targets,
         run_selection,
@@ -142,6 +144,8 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
     print()
     print(format_tables(agg, st.ns, title))
     print(format_targets(tg))
+    gaps = ceiling_gaps(agg, [n for n in (10, 20) if n in args.n])
+    print(format_ceiling(gaps))
     variants: dict[str, Any] = {}
     if args.variants:
         from dataclasses import replace
@@ -168,7 +172,8 @@ def run_selection_part(args: argparse.Namespace, exp: Any) -> dict[str, Any]:
             "settings": {**st.__dict__, "ns": list(st.ns), "thresholds": list(st.thresholds)},
             "pool_gt_miou_mean": round(float(data.gt_miou.mean()), 4),
             "pool_share_below_0.5": round(float((data.gt_miou < 0.5).mean()), 4),
-            "pool_ood": int(data.ood.sum()), "results": agg, "targets": tg, "variants": variants,
+            "pool_ood": int(data.ood.sum()), "results": agg, "targets": tg, "ceiling": gaps,
+            "variants": variants,
             "wall_seconds": {"prepare": round(t_prep, 2), "scoring_first_run": scoring_s,
                              "gt_miou_first_run": round(data.gt_seconds, 2), **agg["seconds"]}}
 

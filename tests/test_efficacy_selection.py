@@ -40,3 +40,24 @@ def test_pick_stats_and_targets():
     assert tg["n=10, R=pool/2: mIoU within 0.03 of entropy"]["met"] is True  # 0.32 vs 0.30
     assert tg["n=10, R=pool/2: mIoU >= 0.03 below random"]["met"] is True  # 0.32 vs 0.36
     assert tg["n=10, R=pool/4: classes vs entropy >= +2"]["met"] is False  # 8 vs 8
+
+
+def test_ceiling_gap_says_what_any_order_can_reach():
+    from benchmarks.efficacy_selection import ALL_RATED, ceiling_gaps, format_ceiling
+
+    names = [ALL_RATED] + [f"{s}, R={b}" for s in ("MAD first R", "random R") for b in ("pool/2", "pool/4")]
+    per = []
+    for _ in range(4):
+        row = {name: {10: (0.30, 1.0, 8)} for name in names}
+        row["entropy"] = {10: (0.4, 1.0, 6)}
+        row[ALL_RATED] = {10: (0.22, 1.0, 9)}
+        row["MAD first R, R=pool/2"] = {10: (0.23, 1.0, 9)}
+        row["random R, R=pool/2"] = {10: (0.24, 1.0, 9)}
+        per.append(row)
+    gaps = ceiling_gaps(aggregate(per, [10]), [10])
+    half = gaps["n=10, R=pool/2"]
+    # rating everything is only 0.02 below R random: no order can be 0.03 below it
+    assert half["ceiling_gap"] == 0.02 and half["MAD_gap"] == 0.01
+    quarter = gaps["n=10, R=pool/4"]
+    assert quarter["ceiling_gap"] == 0.08  # positive control: here a better order has room
+    assert "+0.020" in format_ceiling(gaps)
