@@ -87,7 +87,7 @@ class ModelCache:
 
     def spec(self) -> ModelSpec:
         rec = self.record()
-        return ModelSpec.from_dict(rec.spec()) if rec is not None else self.config.target
+        return rec.spec() if rec is not None else self.config.target
 
     def current(self, wait: bool = True) -> Any:
         """The model to serve now (a ``ml_backend.zoo`` SegmentationModel).

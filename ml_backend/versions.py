@@ -33,6 +33,7 @@ from typing import Any
 
 from .atomic import atomic_write_json
 from .errors import MadsegError
+from .modelspec import ModelSpec
 
 POINTER_NAME = "current.json"
 VERSION_RECORD_NAME = "version.json"
@@ -58,9 +59,9 @@ class ServingRecord:
         """The gate's reasons as one line ("" when the version was not gated)."""
         return "; ".join((self.gate or {}).get("reasons") or [])
 
-    def spec(self) -> dict[str, Any]:
-        """The model spec ``{name, checkpoint, options}`` the zoo loads."""
-        return {"name": self.name, "checkpoint": self.checkpoint, "options": dict(self.options)}
+    def spec(self) -> ModelSpec:
+        """The model spec the zoo loads."""
+        return ModelSpec(name=self.name, checkpoint=self.checkpoint, options=dict(self.options))
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
