@@ -520,13 +520,14 @@ def experiment_models(exp: ExperimentConfig, layout: ExperimentLayout, rounds: i
         return model.spec
 
     out = [ModelEntry("f(0)", exp.target.model_spec(), "target", 0, f"f(0) = {exp.target.key}")]
+    lwf = " + LwF on unlabelled candidates" if exp.finetune.lwf_weight > 0 else ""
     for i in range(1, rounds + 1):
         st = RoundState.load(layout.root, i)
         if not st.done("finetune"):
             break
         ft = st.read(FinetuneOutput)
         out.append(ModelEntry(f"f({i})", spec(st, ft, f"f({i})"), "target", i,
-                              f"f({i}) fine-tuned, S(0) replay"))
+                              f"f({i}) fine-tuned, S(0) replay{lwf}"))
         if i == 1 and ft.lwf is not None:
             out.append(ModelEntry("f(1) LwF", spec(st, ft.lwf, "f(1) LwF"), "variant", 1,
                                   "f(1) fine-tuned with LwF, no replay"))
@@ -733,9 +734,13 @@ def evaluate_experiment(
             "size bounds": f"{exp.selection.bounds} ({exp.selection.bounds_method}, min_count "
                            f"{exp.selection.min_count})", "rating order": exp.selection.order,
             "rating budget": exp.selection.rating_budget or "all of M", "distance": exp.selection.metric,
-            "fine-tune preset": exp.finetune.preset, "epochs": exp.finetune.epochs,
-            "LR grid": ", ".join(f"{v:g}" for v in exp.finetune.lrs),
+            "fine-tune preset": exp.finetune.preset,
+            "schedule": (f"{exp.finetune.steps} SGD steps" if exp.finetune.steps
+                         else f"{exp.finetune.epochs} epochs"),
+            "learning rate(s)": ", ".join(f"{v:g}" for v in exp.finetune.lrs),
             "S(0) replay": exp.finetune.replay,
+            "LwF towards f(0)": (f"weight {exp.finetune.lwf_weight:g}, on the round's unlabelled candidates"
+                                 if exp.finetune.lwf_weight > 0 else "no"),
             "raters": "simulated (oracle)" if simulated_raters else "people",
             "evaluation pass": (f"T({rounds + 1}) is drawn from M({rounds + 1}) after the last round to "
                                 f"evaluate f({rounds}) as well; it trains nothing") if final_eval else "no",
