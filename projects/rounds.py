@@ -76,6 +76,7 @@ from .stage_results import (
     FinetuneOutput,
     GateVerdict,
     MasksOutput,
+    PlanRecord,
     PredictOutput,
     ProjectsOutput,
     PushOutput,
@@ -499,13 +500,11 @@ def _entropy_pool_size(n4: int) -> int:
 
 
 def _plan_json(plan: RoundPlan) -> dict[str, Any]:
-    return {
-        "kind": plan.kind, "number": plan.number, "target_key": plan.target_key,
-        "target": plan.target.to_dict(), "competitors": {k: v.to_dict() for k, v in plan.competitors.items()},
-        "n4": plan.n4,
-        "test_size": plan.test_size, "finetune": plan.finetune, "title": plan.title,
-        "used": sorted(plan.used), "lwf_variant": plan.lwf_variant,
-    }
+    return PlanRecord(
+        kind=plan.kind, number=plan.number, target_key=plan.target_key, target=plan.target,
+        competitors=dict(plan.competitors), n4=plan.n4, test_size=plan.test_size, finetune=plan.finetune,
+        title=plan.title, used=tuple(sorted(plan.used)), lwf_variant=plan.lwf_variant,
+    ).to_dict()
 
 
 # ==============================================================================================

@@ -344,3 +344,46 @@ STAGE_OUTPUTS: dict[str, type[StageOutput]] = {
                 ChooseOutput, MasksOutput, FinetuneOutput)
     for stage in cls.STAGES
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# the round's plan (plan.json)
+# ----------------------------------------------------------------------------------------------
+
+
+def _specs(value: Any) -> dict[str, ModelSpec | None]:
+    return {str(k): model_spec(v) for k, v in _mapping(value).items()}
+
+
+@dataclass(frozen=True)
+class PlanRecord(Record):
+    """A round's ``plan.json`` (written by ``projects.rounds`` when the round starts): what the round
+    ran with — ``kind`` ("mad", "eval", "entropy", "compare"), ``number``, the target's key and spec,
+    the competitors' specs by key, n4, the test-set size, whether it fine-tunes, its title, the image
+    ids used by earlier rounds and whether it trains the LwF variant."""
+
+    kind: str = ""
+    number: int = 0
+    target_key: str = ""
+    target: ModelSpec | None = _opt(model_spec, keep_null=True)
+    competitors: Mapping[str, ModelSpec | None] = field(
+        default_factory=dict, metadata={"decode": _specs, "keep_null": True})
+    n4: int = 0
+    test_size: int = 0
+    finetune: bool = False
+    title: str = ""
+    used: tuple[str, ...] = _seq()
+    lwf_variant: bool = False
+
+    @classmethod
+    def read(cls, path: Any) -> PlanRecord:
+        """The plan stored at ``path``; raises :class:`MadsegError` naming the file when it cannot be
+        read."""
+        import json
+        from pathlib import Path
+
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise MadsegError(f"{path}: cannot read the round's plan ({exc}); delete it to re-plan the "
+                              "round") from None

@@ -152,3 +152,23 @@ def test_bad_outputs_are_clear_errors(tmp_path: Path) -> None:
         FinetuneOutput.from_dict(["not", "a", "dict"])  # type: ignore[arg-type]
     with pytest.raises(MadsegError, match="bad model spec"):
         FinetuneOutput.from_dict({"spec": {"checkpoint": "x.pth"}})
+
+
+def test_plan_json_round_trips_through_plan_record(tmp_path: Path) -> None:
+    """plan.json as the rounds have always written it reads back typed and writes back unchanged."""
+    from projects.stage_results import PlanRecord
+
+    stored = {"kind": "mad", "number": 2, "target_key": "f(1)",
+              "target": {"name": "espnetv2", "checkpoint": "/m/f1.pth", "options": {"scale": 2.0}},
+              "competitors": {"g": {"name": "dicenet", "checkpoint": None, "options": {}}},
+              "n4": 10, "test_size": 30, "finetune": True, "title": "demo round 2", "used": ["a", "b"],
+              "lwf_variant": False}
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps(stored))
+    plan = PlanRecord.read(f)
+    assert plan.kind == "mad" and plan.target_key == "f(1)" and plan.target.options == {"scale": 2.0}
+    assert plan.competitors["g"].name == "dicenet" and plan.used == ("a", "b")
+    assert plan.to_dict() == stored and list(plan.to_dict()) == list(stored)
+    f.write_text("{not json")
+    with pytest.raises(MadsegError, match="plan.json: cannot read the round's plan"):
+        PlanRecord.read(f)

@@ -48,6 +48,7 @@ from ml_backend.metrics import gt_class_miou, iou_per_class, miou_from_confusion
 from ml_backend.modelspec import ModelSpec
 
 from ..layout import ExperimentLayout, RoundLayout, round_dir
+from ..stage_results import PlanRecord
 
 if TYPE_CHECKING:
     from ..experiment import ExperimentConfig
@@ -503,8 +504,8 @@ def _train_stems(rd: RoundLayout) -> list[str]:
 def _plan_target_key(rd: RoundLayout) -> str:
     """The target key a round ran with (its ``plan.json``), "" when unknown."""
     try:
-        return str(json.loads(rd.plan.read_text()).get("target_key") or "")
-    except (OSError, ValueError, AttributeError):
+        return PlanRecord.read(rd.plan).target_key
+    except MadsegError:
         return ""
 
 
@@ -675,9 +676,9 @@ def evaluate_experiment(
             row: dict[str, Any] = {"round": f"{label} {i}"}
             plan_file = rl.plan
             if plan_file.exists():
-                plan = json.loads(plan_file.read_text())
-                row["kind"] = plan["kind"]
-                row["target"] = plan["target_key"]
+                plan = PlanRecord.read(plan_file)
+                row["kind"] = plan.kind
+                row["target"] = plan.target_key
             if st.done("select"):
                 so = st.read(SelectOutput)
                 row["|M|"] = so.n_candidates
