@@ -164,6 +164,12 @@ def _need(cond: bool, source: str, key: str, what: str) -> None:
         raise MadsegError(f"{source}: {key} {what}; re-run the evaluation that writes it")
 
 
+def _need_fields(value: Any, fields: Mapping[str, type], source: str, where: str, what: str) -> None:
+    """:func:`_need` that ``value`` is an object whose ``fields`` (key -> type) have those types."""
+    _need(isinstance(value, Mapping) and all(isinstance(value.get(k), t) for k, t in fields.items()),
+          source, where, what)
+
+
 def _is_num(v: Any) -> bool:
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
@@ -183,14 +189,8 @@ def validate_results(
     )
     t1 = results.get("table1")
     if t1 is not None:
-        _need(
-            isinstance(t1, Mapping)
-            and isinstance(t1.get("columns"), list)
-            and isinstance(t1.get("rows"), list),
-            source,
-            "'table1'",
-            "must have 'columns' and 'rows' lists",
-        )
+        _need_fields(t1, {"columns": list, "rows": list}, source, "'table1'",
+                     "must have 'columns' and 'rows' lists")
         names = []
         for j, c in enumerate(t1["columns"]):
             _need(
@@ -226,24 +226,12 @@ def validate_results(
                   source, f"help.rows[{j}]", "needs a numeric 'gain' and 'ci' = [low, high] or null")
     fl = results.get("failures")
     if fl is not None:
-        _need(
-            isinstance(fl, Mapping)
-            and isinstance(fl.get("columns"), list)
-            and isinstance(fl.get("counts"), Mapping),
-            source,
-            "'failures'",
-            "must have 'columns' and 'counts'",
-        )
+        _need_fields(fl, {"columns": list, "counts": Mapping}, source, "'failures'",
+                     "must have 'columns' and 'counts'")
     bl = results.get("baseline")
     if bl is not None:
-        _need(
-            isinstance(bl, Mapping)
-            and isinstance(bl.get("columns"), list)
-            and isinstance(bl.get("rows"), list),
-            source,
-            "'baseline'",
-            "must have 'columns' and 'rows' lists",
-        )
+        _need_fields(bl, {"columns": list, "rows": list}, source, "'baseline'",
+                     "must have 'columns' and 'rows' lists")
     sr = results.get("srcc")
     if sr is not None:
         _need(isinstance(sr, Mapping), source, "'srcc'", "must map test-set names to curves")
